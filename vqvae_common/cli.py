@@ -1,0 +1,93 @@
+"""The one command line both train_torch.py and train_jax.py accept, and the main() wrapper
+that turns a UserError into one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from vqvae_common import config as cfg
+from vqvae_common.errors import UserError
+
+_DEFAULT = cfg.TrainConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def build_parser(framework: str) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"train_{framework}.py",
+        description=f"Train a VQ-VAE (van den Oord et al. 2017) in {framework} on MNIST or "
+                    "CIFAR-10. Writes config.json, metrics.jsonl, TensorBoard events, a "
+                    "checkpoint, reconstruction.png and interpolation.gif into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", choices=cfg.DATASETS, default=_DEFAULT.dataset,
+                   help="dataset and model preset (mnist: D=128, cifar10: D=256)")
+    p.add_argument("--data-dir", default=None,
+                   help="tfds data directory holding the prepared dataset "
+                        "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    p.add_argument("--epochs", type=int, default=_DEFAULT.epochs)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size)
+    p.add_argument("--eval-batch-size", type=int, default=_DEFAULT.eval_batch_size)
+    p.add_argument("--lr", type=float, default=_DEFAULT.lr, help="Adam learning rate")
+    p.add_argument("--beta", type=float, default=None,
+                   help="commitment weight (default 1.0 as the seed; the paper uses 0.25)")
+    p.add_argument("--num-codes", type=int, default=None, help="codebook size K (default 512)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden and embedding width D (default: the preset's)")
+    p.add_argument("--seed", type=int, default=_DEFAULT.seed)
+    p.add_argument("--out", default=_DEFAULT.out, help="output directory")
+    p.add_argument("--device", default=_DEFAULT.device,
+                   help="auto (an accelerator when present), cpu, cuda or gpu")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out")
+    p.add_argument("--log-every", type=int, default=_DEFAULT.log_every,
+                   help="steps between logged metrics (the only host syncs)")
+    p.add_argument("--checkpoint-every", type=int, default=_DEFAULT.checkpoint_every,
+                   help="steps between checkpoints (one is also written each epoch)")
+    return p
+
+
+_BOUNDS = {  # flag: (low, high), inclusive; an absurd value is as wrong as a negative one
+    "epochs": (1, 100_000), "max_steps": (1, 10**9), "batch_size": (1, 65_536),
+    "eval_batch_size": (1, 65_536), "lr": (1e-8, 1.0), "beta": (0.0, 100.0),
+    "num_codes": (1, 1 << 20), "hidden": (1, 4096), "seed": (0, 2**32 - 1),
+    "log_every": (1, 10**9), "checkpoint_every": (1, 10**9),
+}
+
+
+def parse(framework: str, argv: Sequence[str] | None = None
+          ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
+    args = vars(build_parser(framework).parse_args(argv))
+    for name, (low, high) in _BOUNDS.items():
+        value = args[name]
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value} is out of range: expected {low} to {high}")
+    preset = cfg.PRESETS[args["dataset"]]
+    overrides = {k: args.pop(k) for k in ("hidden", "num_codes", "beta")}
+    model = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    return model, cfg.TrainConfig(**args)
+
+
+def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
+         argv: Sequence[str] | None = None) -> int:
+    """Parse, run `fit`, and report a user error as one line instead of a traceback."""
+    try:
+        model, train = parse(framework, argv)
+        fit(model, train)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,56 @@
+"""Model and training configuration, the dataset presets, and their JSON form.
+
+Every default lives here once; both twins and both entry points read them from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+DATASETS = ("mnist", "cifar10")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta."""
+
+    in_channels: int = 1
+    hidden: int = 128
+    num_codes: int = 512
+    beta: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    lr: float = 3e-4
+    seed: int = 0
+    out: str = "runs/latest"
+    device: str = "auto"
+    resume: bool = False
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "mnist": ModelConfig(in_channels=1, hidden=128),
+    "cifar10": ModelConfig(in_channels=3, hidden=256),
+}
+
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+def to_json(model: ModelConfig, train: TrainConfig) -> str:
+    return json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)},
+                      indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
+    raw: dict[str, Any] = json.loads(text)
+    return ModelConfig(**raw["model"]), TrainConfig(**raw["train"])

@@ -1,0 +1,99 @@
+"""Input pipeline: tfds array_record data -> uint8 NHWC in memory -> seeded float batches.
+
+    load(name, split)                  -> uint8  (N, H, W, C), decoded once per process
+    batches(images, B, seed, epoch)    -> float32 (B, H, W, C) in [-1, 1], x / 127.5 - 1
+
+The order of epoch e is the permutation drawn by numpy's generator seeded with (seed, e), so
+it is the same for both twins and can be re-entered mid-epoch on resume (`skip`). Reading
+goes through `tfds.data_source`, which needs no TensorFlow; only preparing a dataset that
+is not on disk yet does (the `prepare` extra).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vqvae_common.config import DATASETS, IMAGE_SHAPES
+from vqvae_common.errors import UserError
+
+_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+    """--data-dir, else $TFDS_DATA_DIR, else tfds's default ~/tensorflow_datasets."""
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                              or "~/tensorflow_datasets")
+
+
+def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
+    """All images of one split as uint8 (N, H, W, C), preparing the dataset first if needed."""
+    import tensorflow_datasets as tfds  # deferred: a slow import the CLI's --help need not pay
+
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    root = resolve_data_dir(data_dir)
+    if os.path.isdir(root) and not os.access(root, os.R_OK | os.X_OK):
+        raise UserError(f"data directory {root} is not readable")
+    builder = tfds.builder(name, data_dir=root)
+    if not builder.is_prepared():
+        _prepare(builder, name, root)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=root, download=False)
+    except (OSError, ValueError, NotImplementedError) as e:
+        raise UserError(f"cannot read {name}/{split} from {root}: {e}") from e
+    # One record at a time: tfds's mock data source breaks `__getitems__` (tfds 4.9.10).
+    images = np.stack([source[i]["image"] for i in tqdm(
+        range(len(source)), desc=f"decoding {name}/{split}", unit="img", leave=False)])
+    if images.shape[1:] != IMAGE_SHAPES[name]:
+        raise UserError(f"{name}/{split} in {root} has images of shape {images.shape[1:]}, "
+                        f"expected {IMAGE_SHAPES[name]}")
+    return images
+
+
+def _prepare(builder, name: str, root: str) -> None:
+    """Download and prepare through tfds, or fail at once when that cannot work here."""
+    if not _online():
+        raise UserError(f"{name} is not prepared in {root} and there is no network to download "
+                        f"it: set --data-dir or TFDS_DATA_DIR to a tfds data directory that "
+                        f"holds it")
+    try:
+        import tensorflow  # noqa: F401  (tfds's builders need it to prepare, not to read)
+    except ImportError as e:
+        raise UserError(f"{name} is not prepared in {root}; preparing it needs TensorFlow: "
+                        f"pip install -e '.[prepare]'") from e
+    builder.download_and_prepare(file_format="array_record")
+
+
+def _online(timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection(_DOWNLOAD_HOST, timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return num_images // batch_size
+
+
+def batches(images: np.ndarray, batch_size: int, seed: int, epoch: int,
+            skip: int = 0) -> Iterator[np.ndarray]:
+    """Full shuffled batches of epoch `epoch` (the last partial batch is dropped), from `skip`."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    for i in range(skip, steps_per_epoch(len(images), batch_size)):
+        yield to_float(images[order[i * batch_size:(i + 1) * batch_size]])
+
+
+def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Every image once, in order; the last batch may be smaller."""
+    for start in range(0, len(images), batch_size):
+        yield to_float(images[start:start + batch_size])

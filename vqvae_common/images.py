@@ -1,0 +1,46 @@
+"""Pictures of what the model does: a target|reconstruction grid and a latent-walk GIF."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float [-1, 1] NHWC -> uint8 [0, 255] NHWC."""
+    return np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _pil(image: np.ndarray, scale: int) -> Image.Image:
+    pic = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+
+
+def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, path: str,
+                        pairs_per_row: int = 8, scale: int = 2) -> None:
+    """PNG of `pairs_per_row` (target, reconstruction) pairs per row, a 2-pixel gap between."""
+    t, r = to_uint8(targets), to_uint8(recons)
+    n, h, w, c = t.shape
+    rows = -(-n // pairs_per_row)
+    gap = 2
+    grid = np.full((rows * (h + gap) + gap, pairs_per_row * (2 * w + gap) + gap, c), 255,
+                   np.uint8)
+    for i in range(n):
+        y = gap + (i // pairs_per_row) * (h + gap)
+        x = gap + (i % pairs_per_row) * (2 * w + gap)
+        grid[y:y + h, x:x + w] = t[i]
+        grid[y:y + h, x + w:x + 2 * w] = r[i]
+    _pil(grid, scale).save(path)
+
+
+def interpolation_latents(z_a: np.ndarray, z_b: np.ndarray, frames: int) -> np.ndarray:
+    """(frames, h, w, D): (1 - t) z_a + t z_b for t evenly spaced on [0, 1]."""
+    t = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None, None, None]
+    return (1.0 - t) * z_a[None] + t * z_b[None]
+
+
+def interpolation_gif(frames: np.ndarray, path: str, scale: int = 4,
+                      frame_ms: int = 120) -> None:
+    """Animated GIF that walks forward through `frames` (T, H, W, C in [-1, 1]) and back."""
+    pics = [_pil(f, scale) for f in to_uint8(frames)]
+    pics = pics + pics[-2:0:-1]
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=frame_ms, loop=0)

@@ -1,0 +1,1 @@
+"""The PyTorch VQ-VAE, the reference twin."""

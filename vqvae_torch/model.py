@@ -1,0 +1,145 @@
+"""VQ-VAE (van den Oord et al. 2017) in PyTorch: the reference twin of vqvae_jax/model.py.
+
+Shapes, PyTorch layout (B batch, C image channels, D hidden width, K codes, h = H/4, w = W/4):
+
+    x (B, C, H, W) --Encoder--> z_e (B, D, h, w) --VectorQuantizer--> z_q (B, D, h, w)
+                   --Decoder--> x_hat (B, C, H, W) in [-1, 1]
+
+    Encoder:  Conv4x4/2 (C->D), BN, ReLU, Conv4x4/2 (D->D), Residual, Residual
+    Decoder:  Residual, Residual, ReLU, ConvT4x4/2 (D->D), BN, ReLU, ConvT4x4/2 (D->C), tanh
+    Residual: x + BN(Conv1x1(ReLU(BN(Conv3x3(ReLU(x))))))
+
+Loss, with sg the stop-gradient and every mean over all elements:
+
+    L = mean((x_hat - x)^2) + mean((z_q - sg[z_e])^2) + beta * mean((z_e - sg[z_q])^2)
+         recon                codebook                 commitment
+
+Conv weights are xavier-normal with zero biases, the codebook uniform(-1/K, 1/K).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqvae_common.config import ModelConfig
+
+
+class ResidualBlock(nn.Module):
+    """x + F(x) with F = ReLU, Conv3x3, BN, ReLU, Conv1x1, BN.
+
+    The seed model's first ReLU ran in place, so its skip silently carried relu(x); here the
+    skip carries x itself, the plain residual.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn1(self.conv1(F.relu(x)))
+        h = self.bn2(self.conv2(F.relu(h)))
+        return x + h
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, dim, 4, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 4, stride=2, padding=1)
+        self.res1 = ResidualBlock(dim)
+        self.res2 = ResidualBlock(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return self.res2(self.res1(self.conv2(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, dim: int, out_channels: int) -> None:
+        super().__init__()
+        self.res1 = ResidualBlock(dim)
+        self.res2 = ResidualBlock(dim)
+        self.deconv1 = nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.deconv2 = nn.ConvTranspose2d(dim, out_channels, 4, stride=2, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.res2(self.res1(z)))
+        h = F.relu(self.bn1(self.deconv1(h)))
+        return torch.tanh(self.deconv2(h))
+
+
+class Quantized(NamedTuple):
+    z_q: torch.Tensor  # (B, D, h, w), straight-through: forward z_q, gradient to z_e
+    indices: torch.Tensor  # (B, h, w) int64
+    codebook_loss: torch.Tensor  # mean((z_q - sg[z_e])^2)
+    commitment_loss: torch.Tensor  # mean((z_e - sg[z_q])^2), not yet times beta
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantization with a straight-through gradient.
+
+    With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D):
+
+        d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), one matmul
+        i[n]    = argmin_k d[n, k]                              (N,)
+        z_q[n]  = e[i[n]]                                       (N, D)
+        z_q_st  = z + sg[z_q - z]                               forward z_q, gradient to z
+
+    The two loss terms are computed from z_q before the straight-through patch, so the
+    codebook learns only from the codebook term and the encoder only from the commitment
+    term and the reconstruction.
+    """
+
+    def __init__(self, num_codes: int, dim: int) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes,
+                                                                          1 / num_codes))
+
+    def forward(self, z_e: torch.Tensor) -> Quantized:
+        z = z_e.permute(0, 2, 3, 1)  # (B, h, w, D)
+        flat = z.reshape(-1, z.shape[-1])
+        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t()
+                     + self.codebook.pow(2).sum(1))
+        indices = distances.argmin(1)
+        z_q = self.codebook[indices].view_as(z)
+        codebook_loss = F.mse_loss(z_q, z.detach())
+        commitment_loss = F.mse_loss(z, z_q.detach())
+        z_q_st = z + (z_q - z).detach()
+        return Quantized(z_q_st.permute(0, 3, 1, 2), indices.view(z.shape[:-1]),
+                         codebook_loss, commitment_loss)
+
+
+class Output(NamedTuple):
+    recon: torch.Tensor  # x_hat (B, C, H, W)
+    indices: torch.Tensor  # (B, h, w)
+    losses: dict[str, torch.Tensor]  # loss, recon, codebook, commitment (scalars)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.in_channels, config.hidden)
+        self.quantizer = VectorQuantizer(config.num_codes, config.hidden)
+        self.decoder = Decoder(config.hidden, config.in_channels)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_normal_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        quantized = self.quantizer(self.encoder(x))
+        x_hat = self.decoder(quantized.z_q)
+        recon = F.mse_loss(x_hat, x)
+        loss = recon + quantized.codebook_loss + self.config.beta * quantized.commitment_loss
+        return Output(x_hat, quantized.indices, {
+            "loss": loss, "recon": recon, "codebook": quantized.codebook_loss,
+            "commitment": quantized.commitment_loss})

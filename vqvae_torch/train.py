@@ -1,0 +1,86 @@
+"""The PyTorch twin of the training step: device choice, the eager Adam step, evaluation,
+and the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_jax/train.py."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.errors import UserError
+from vqvae_torch import checkpoint
+from vqvae_torch.model import VQVAE
+
+
+def select_device(name: str) -> torch.device:
+    """auto -> cuda when present, else cpu; 'gpu' is accepted as cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: PyTorch sees no CUDA device here")
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown --device {name!r}: choose auto, cpu, cuda or gpu")
+
+
+def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """NHWC numpy -> NCHW tensor on `device`."""
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """NCHW tensor -> NHWC numpy."""
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class TorchTwin:
+    checkpoint_name = "checkpoint.pt"
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+        self.device = select_device(train_cfg.device)
+        torch.manual_seed(train_cfg.seed)
+        self.model = VQVAE(model_cfg).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+
+    def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        self.model.train()
+        losses = self.model(to_tensor(batch, self.device)).losses
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def fetch(self, step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {k: v.item() for k, v in step_metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        self.model.eval()
+        out = self.model(to_tensor(batch, self.device))
+        return to_numpy(out.recon), out.indices.cpu().numpy(), self.fetch(out.losses)
+
+    @torch.no_grad()
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return to_numpy(self.model.encoder(to_tensor(batch, self.device)))
+
+    @torch.no_grad()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        z_q = self.model.quantizer(to_tensor(latents, self.device)).z_q
+        return to_numpy(self.model.decoder(z_q))
+
+    def save(self, path: str, step: int) -> None:
+        checkpoint.save(path, {
+            "framework": "torch", "model_config": dataclasses.asdict(self.model.config),
+            "step": step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict()})
+
+    def load(self, path: str) -> int:
+        payload = checkpoint.load(path, self.model.config, self.device)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        return int(payload["step"])
