@@ -1,0 +1,1 @@
+"""The Flax (NNX) VQ-VAE, the twin of vqvae_torch."""

@@ -1,0 +1,224 @@
+"""VQ-VAE (van den Oord et al. 2017) in Flax NNX: the twin of vqvae_torch/model.py.
+
+Shapes, JAX layout (B batch, C image channels, D hidden width, K codes, h = H/4, w = W/4):
+
+    x (B, H, W, C) --Encoder--> z_e (B, h, w, D) --VectorQuantizer--> z_q (B, h, w, D)
+                   --Decoder--> x_hat (B, H, W, C) in [-1, 1]
+
+    Encoder:  Conv4x4/2 (C->D), BN, ReLU, Conv4x4/2 (D->D), Residual, Residual
+    Decoder:  Residual, Residual, ReLU, ConvT4x4/2 (D->D), BN, ReLU, ConvT4x4/2 (D->C), tanh
+    Residual: x + BN(Conv1x1(ReLU(BN(Conv3x3(ReLU(x))))))
+
+Loss, with sg = jax.lax.stop_gradient and every mean over all elements:
+
+    L = mean((x_hat - x)^2) + mean((z_q - sg[z_e])^2) + beta * mean((z_e - sg[z_q])^2)
+         recon                codebook                 commitment
+
+Module paths equal PyTorch's (encoder.conv1, decoder.deconv2, quantizer.codebook, ...); leaf
+names follow Flax (kernel, scale, mean, var) and vqvae_jax/convert.py maps them. Conv kernels
+are xavier-normal (not Flax's truncated default) with zero biases, the codebook
+uniform(-1/K, 1/K). BatchNorm and the transposed convolution reproduce PyTorch's semantics,
+so that both twins compute the same function.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vqvae_common.config import ModelConfig
+
+xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+def mse(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.mean((a - b) ** 2)
+
+
+class BatchNorm(nnx.Module):
+    """PyTorch's BatchNorm2d over the channel (last) axis.
+
+        train: y = (x - mu_B) / sqrt(var_B + eps) * scale + bias, var_B the biased batch var
+               mean <- (1 - m) mean + m mu_B;  var <- (1 - m) var + m var_B * n / (n - 1)
+        eval:  y = (x - mean) / sqrt(var + eps) * scale + bias
+
+    m = 0.1 in PyTorch's convention (Flax's momentum 0.9 weights the other side, and Flax
+    keeps the biased variance). n = B*H*W. `count` mirrors PyTorch's num_batches_tracked.
+    """
+
+    def __init__(self, features: int, *, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        self.scale = nnx.Param(jnp.ones(features))
+        self.bias = nnx.Param(jnp.zeros(features))
+        self.mean = nnx.BatchStat(jnp.zeros(features))
+        self.var = nnx.BatchStat(jnp.ones(features))
+        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.momentum, self.eps = momentum, eps
+        self.use_running_average = False  # set by nnx.Module.eval() / .train()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean.value, self.var.value
+        else:
+            mean = x.mean((0, 1, 2))
+            var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+            n = x.size // x.shape[-1]
+            m = self.momentum
+            self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
+            self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(var) * n / (n - 1)
+            self.count.value = self.count.value + 1
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """PyTorch's conv_transpose2d(stride 2, padding 1) for a 4x4 kernel, without bias.
+
+    x (B, H, W, I), kernel (4, 4, I, O) with kernel[p, q, i, o] = torch_weight[i, o, p, q],
+    result (B, 2H, 2W, O). PyTorch's definition: input pixel (m, n) adds x[m, n] @ kernel[p, q]
+    to output (2m - 1 + p, 2n - 1 + q). Computed as its two halves (col2im):
+
+        Z = x @ kernel                       (B, H, W, 4, 4, O), one matmul
+        y = sum_{p, q} shift_{p, q}(Z[..., p, q, :])
+
+    Writing p = 2s + r, output row 2j + r - 1 takes Z[row j - s, p], so each of the four
+    output phases (r, r') is a sum of four Z slices shifted by s, s' in {0, 1}.
+
+    Not a convolution on purpose: XLA's CPU backend computes the kernel gradient of a
+    transposed (lhs-dilated) convolution, and of its sub-pixel 2x2 equivalent, 10-100x
+    slower than this matmul (bench/conv_transpose.py). The result is exact up to float
+    summation order.
+    """
+    b, h, w, i = x.shape
+    o = kernel.shape[-1]
+    z = (x @ kernel.transpose(2, 0, 1, 3).reshape(i, 16 * o)).reshape(b, h, w, 2, 2, 2, 2, o)
+    phases = [[sum(jnp.pad(z[:, :, :, s, r, t, c], ((0, 0), (s, 1 - s), (t, 1 - t), (0, 0)))
+                   for s in (0, 1) for t in (0, 1))
+               for c in (0, 1)] for r in (0, 1)]  # phases[r][c]: (B, H+1, W+1, O)
+    y = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, H+1, r, W+1, c, O)
+    return y.reshape(b, 2 * h + 2, 2 * w + 2, o)[:, 1:-1, 1:-1]
+
+
+class ConvTranspose(nnx.Module):
+    """PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1): (B, H, W, I) -> (B, 2H, 2W, O)."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs) -> None:
+        self.kernel = nnx.Param(xavier_normal(rngs.params(), (4, 4, in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros(out_features))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return conv_transpose(x, self.kernel.value) + self.bias.value
+
+
+def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int,
+         rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(in_features, out_features, (kernel, kernel), (stride, stride),
+                    padding=((padding, padding), (padding, padding)),
+                    kernel_init=xavier_normal, rngs=rngs)
+
+
+class ResidualBlock(nnx.Module):
+    """x + F(x) with F = ReLU, Conv3x3, BN, ReLU, Conv1x1, BN: the plain residual (the seed's
+    in-place ReLU made its skip carry relu(x); this skip carries x)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
+        self.conv1 = conv(dim, dim, 3, 1, 1, rngs)
+        self.bn1 = BatchNorm(dim)
+        self.conv2 = conv(dim, dim, 1, 1, 0, rngs)
+        self.bn2 = BatchNorm(dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.bn1(self.conv1(jax.nn.relu(x)))
+        h = self.bn2(self.conv2(jax.nn.relu(h)))
+        return x + h
+
+
+class Encoder(nnx.Module):
+    def __init__(self, in_channels: int, dim: int, *, rngs: nnx.Rngs) -> None:
+        self.conv1 = conv(in_channels, dim, 4, 2, 1, rngs)
+        self.bn1 = BatchNorm(dim)
+        self.conv2 = conv(dim, dim, 4, 2, 1, rngs)
+        self.res1 = ResidualBlock(dim, rngs=rngs)
+        self.res2 = ResidualBlock(dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(self.bn1(self.conv1(x)))
+        return self.res2(self.res1(self.conv2(h)))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, dim: int, out_channels: int, *, rngs: nnx.Rngs) -> None:
+        self.res1 = ResidualBlock(dim, rngs=rngs)
+        self.res2 = ResidualBlock(dim, rngs=rngs)
+        self.deconv1 = ConvTranspose(dim, dim, rngs=rngs)
+        self.bn1 = BatchNorm(dim)
+        self.deconv2 = ConvTranspose(dim, out_channels, rngs=rngs)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        h = jax.nn.relu(self.res2(self.res1(z)))
+        h = jax.nn.relu(self.bn1(self.deconv1(h)))
+        return jnp.tanh(self.deconv2(h))
+
+
+class Quantized(NamedTuple):
+    z_q: jax.Array  # (B, h, w, D), straight-through: forward z_q, gradient to z_e
+    indices: jax.Array  # (B, h, w) int32
+    codebook_loss: jax.Array  # mean((z_q - sg[z_e])^2)
+    commitment_loss: jax.Array  # mean((z_e - sg[z_q])^2), not yet times beta
+
+
+class VectorQuantizer(nnx.Module):
+    """Nearest-code quantization with a straight-through gradient.
+
+    With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D):
+
+        d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), one matmul
+        i[n]    = argmin_k d[n, k]                              (N,)
+        z_q[n]  = e[i[n]]                                       (N, D)
+        z_q_st  = z + sg[z_q - z]                               forward z_q, gradient to z
+
+    The matmul runs at HIGHEST precision, so a GPU's default TF32 cannot change the argmin.
+    The two loss terms are computed from z_q before the straight-through patch, so the
+    codebook learns only from the codebook term and the encoder only from the commitment
+    term and the reconstruction.
+    """
+
+    def __init__(self, num_codes: int, dim: int, *, rngs: nnx.Rngs) -> None:
+        self.codebook = nnx.Param(jax.random.uniform(
+            rngs.params(), (num_codes, dim), minval=-1 / num_codes, maxval=1 / num_codes))
+
+    def __call__(self, z: jax.Array) -> Quantized:
+        e = self.codebook.value
+        flat = z.reshape(-1, z.shape[-1])
+        distances = (jnp.sum(flat ** 2, 1, keepdims=True)
+                     - 2 * jnp.matmul(flat, e.T, precision=jax.lax.Precision.HIGHEST)
+                     + jnp.sum(e ** 2, 1))
+        indices = jnp.argmin(distances, 1)
+        z_q = e[indices].reshape(z.shape)
+        codebook_loss = mse(z_q, jax.lax.stop_gradient(z))
+        commitment_loss = mse(z, jax.lax.stop_gradient(z_q))
+        z_q_st = z + jax.lax.stop_gradient(z_q - z)
+        return Quantized(z_q_st, indices.reshape(z.shape[:-1]), codebook_loss, commitment_loss)
+
+
+class Output(NamedTuple):
+    recon: jax.Array  # x_hat (B, H, W, C)
+    indices: jax.Array  # (B, h, w)
+    losses: dict[str, jax.Array]  # loss, recon, codebook, commitment (scalars)
+
+
+class VQVAE(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        self.config = config
+        self.encoder = Encoder(config.in_channels, config.hidden, rngs=rngs)
+        self.quantizer = VectorQuantizer(config.num_codes, config.hidden, rngs=rngs)
+        self.decoder = Decoder(config.hidden, config.in_channels, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> Output:
+        quantized = self.quantizer(self.encoder(x))
+        x_hat = self.decoder(quantized.z_q)
+        recon = mse(x_hat, x)
+        loss = recon + quantized.codebook_loss + self.config.beta * quantized.commitment_loss
+        return Output(x_hat, quantized.indices, {
+            "loss": loss, "recon": recon, "codebook": quantized.codebook_loss,
+            "commitment": quantized.commitment_loss})

@@ -1,0 +1,112 @@
+"""The Flax twin of the training step: device choice, the jitted Adam step, evaluation, and
+the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_torch/train.py.
+
+The step is one pure jitted function of (state, batch) -> (state, losses), optimizer update
+included, with the old state's buffers donated; the losses stay on the device until the
+loop fetches them at its logging cadence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.errors import UserError
+from vqvae_jax import checkpoint
+from vqvae_jax.model import VQVAE
+
+
+def select_device(name: str) -> jax.Device:
+    """auto -> JAX's default backend (an accelerator when present); 'cuda' is accepted as gpu."""
+    if name == "auto":
+        return jax.devices()[0]
+    if name not in ("cpu", "gpu", "cuda", "tpu"):
+        raise UserError(f"unknown --device {name!r}: choose auto, cpu, cuda, gpu or tpu")
+    try:
+        return jax.devices("gpu" if name == "cuda" else name)[0]
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: JAX sees no such device here") from e
+
+
+def create(model_cfg: ModelConfig, lr: float, seed: int) -> tuple[VQVAE, nnx.Optimizer]:
+    model = VQVAE(model_cfg, rngs=nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array
+               ) -> tuple[nnx.State, dict[str, jax.Array]]:
+    """One Adam step on `batch` in train mode (batch statistics, running stats updated)."""
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(model: VQVAE):
+        losses = model(batch).losses
+        return losses["loss"], losses
+
+    grads, losses = nnx.grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), losses
+
+
+def eval_forward(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array):
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return model(batch)
+
+
+def encode(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array) -> jax.Array:
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return model.encoder(batch)
+
+
+def decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.Array:
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return model.decoder(model.quantizer(latents).z_q)
+
+
+class JaxTwin:
+    checkpoint_name = "checkpoint"
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+        self.device = select_device(train_cfg.device)
+        self.config = model_cfg
+        with jax.default_device(self.device):
+            self.graphdef, self.state = nnx.split(create(model_cfg, train_cfg.lr, train_cfg.seed))
+        self._train_step = jax.jit(functools.partial(train_step, self.graphdef), donate_argnums=0)
+        self._eval_forward = jax.jit(functools.partial(eval_forward, self.graphdef))
+        self._encode = jax.jit(functools.partial(encode, self.graphdef))
+        self._decode = jax.jit(functools.partial(decode, self.graphdef))
+
+    def _put(self, batch: np.ndarray) -> jax.Array:
+        return jax.device_put(batch, self.device)
+
+    def train_step(self, batch: np.ndarray) -> dict[str, jax.Array]:
+        self.state, losses = self._train_step(self.state, self._put(batch))
+        return losses
+
+    def fetch(self, step_metrics: dict[str, jax.Array]) -> dict[str, float]:
+        return {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+
+    def evaluate(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        out = self._eval_forward(self.state, self._put(batch))
+        return np.asarray(out.recon), np.asarray(out.indices), self.fetch(out.losses)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._encode(self.state, self._put(batch)))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return np.asarray(self._decode(self.state, self._put(latents)))
+
+    def save(self, path: str, step: int) -> None:
+        checkpoint.save(path, step, self.state, {
+            "framework": "jax", "model_config": dataclasses.asdict(self.config), "step": step})
+
+    def load(self, path: str) -> int:
+        self.state, meta = checkpoint.load(path, self.config, self.state)
+        return int(meta["step"])
