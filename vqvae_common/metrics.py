@@ -15,7 +15,9 @@ def mse(targets: np.ndarray, recons: np.ndarray) -> float:
 
 
 def psnr(mse_unit: float) -> float:
-    """PSNR in dB on the [0, 255] scale from an MSE measured on [-1, 1]."""
+    """PSNR in dB on the [0, 255] scale from an MSE measured on [-1, 1]; inf when exact."""
+    if mse_unit == 0:
+        return float("inf")
     return float(10.0 * np.log10(255.0 ** 2 / (mse_unit * 127.5 ** 2)))
 
 

@@ -59,16 +59,16 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_running_average:
-            mean, var = self.mean.value, self.var.value
+            mean, var = self.mean[...], self.var[...]
         else:
             mean = x.mean((0, 1, 2))
             var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
             n = x.size // x.shape[-1]
             m = self.momentum
-            self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
-            self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(var) * n / (n - 1)
-            self.count.value = self.count.value + 1
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * n / (n - 1)
+            self.count[...] = self.count[...] + 1
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -107,7 +107,7 @@ class ConvTranspose(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_features))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv_transpose(x, self.kernel.value) + self.bias.value
+        return conv_transpose(x, self.kernel[...]) + self.bias[...]
 
 
 def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int,
@@ -188,7 +188,7 @@ class VectorQuantizer(nnx.Module):
             rngs.params(), (num_codes, dim), minval=-1 / num_codes, maxval=1 / num_codes))
 
     def __call__(self, z: jax.Array) -> Quantized:
-        e = self.codebook.value
+        e = self.codebook[...]
         flat = z.reshape(-1, z.shape[-1])
         distances = (jnp.sum(flat ** 2, 1, keepdims=True)
                      - 2 * jnp.matmul(flat, e.T, precision=jax.lax.Precision.HIGHEST)

@@ -108,5 +108,9 @@ class JaxTwin:
             "framework": "jax", "model_config": dataclasses.asdict(self.config), "step": step})
 
     def load(self, path: str) -> int:
-        self.state, meta = checkpoint.load(path, self.config, self.state)
+        state, meta = checkpoint.load(path, self.config, self.state)
+        if meta.get("weights_only"):
+            raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
+                            f"evaluated but not resumed")
+        self.state = state
         return int(meta["step"])

@@ -35,8 +35,8 @@ def save(path: str, payload: dict[str, Any]) -> None:
                         f"the previous checkpoint is kept") from e
 
 
-def load(path: str, config: ModelConfig, device: torch.device) -> dict[str, Any]:
-    """The checkpoint's payload, after checking it is a PyTorch one of this `config`."""
+def load(path: str, device: torch.device, config: ModelConfig | None = None) -> dict[str, Any]:
+    """The checkpoint's payload, after checking it is a PyTorch one (of `config`, if given)."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
@@ -48,7 +48,7 @@ def load(path: str, config: ModelConfig, device: torch.device) -> dict[str, Any]
         raise UserError(f"{path} is a {found or 'foreign'} checkpoint, not a PyTorch one; "
                         f"convert it first (python -m vqvae_jax.convert)")
     saved = payload.get("model_config")
-    if saved != dataclasses.asdict(config):
+    if config is not None and saved != dataclasses.asdict(config):
         raise UserError(f"{path} holds a model with config {saved}, "
                         f"not {dataclasses.asdict(config)}")
     return payload

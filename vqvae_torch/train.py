@@ -80,7 +80,10 @@ class TorchTwin:
             "optimizer": self.optimizer.state_dict()})
 
     def load(self, path: str) -> int:
-        payload = checkpoint.load(path, self.model.config, self.device)
+        payload = checkpoint.load(path, self.device, self.model.config)
+        if "optimizer" not in payload:
+            raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
+                            f"evaluated but not resumed")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         return int(payload["step"])

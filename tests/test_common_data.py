@@ -1,0 +1,141 @@
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from vqvae_common import data
+from vqvae_common.errors import UserError
+
+N = 50
+
+
+@pytest.fixture
+def mock_load(monkeypatch, tmp_path):
+    """data.load under tfds mock data. mock_data leaves builder.is_prepared() False, so
+    load would try to prepare (download) the dataset: that step is replaced by a no-op."""
+    monkeypatch.setattr(data, "_prepare", lambda *args: None)
+
+    def load(name, split="train"):
+        with tfds.testing.mock_data(num_examples=N, policy=tfds.testing.MockPolicy.USE_CODE):
+            return data.load(name, split, str(tmp_path))
+    return load
+
+
+@pytest.fixture
+def mnist(mock_load):
+    return mock_load("mnist")
+
+
+def _indices(batch, images):
+    """Which rows of `images` a float batch holds, recovered from its pixels."""
+    row = {img.tobytes(): i for i, img in enumerate(images)}
+    as_uint8 = np.rint((batch + 1.0) * 127.5).astype(np.uint8)
+    return [row[img.tobytes()] for img in as_uint8]
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_load_mock_data(mock_load, name, shape):
+    images = mock_load(name)
+    assert images.dtype == np.uint8
+    assert images.shape == (N, *shape)
+    assert images.std() > 0
+
+
+def test_to_float_maps_0_255_onto_minus1_1():
+    out = data.to_float(np.array([0, 255, 51], np.uint8))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [-1.0, 1.0, -0.6], atol=1e-7)
+    assert out[0] == -1.0 and out[1] == 1.0
+
+
+def test_batches_are_full_float_batches_of_distinct_images(mnist):
+    out = list(data.batches(mnist, 8, seed=0, epoch=0))
+    assert len(out) == N // 8 == data.steps_per_epoch(N, 8)
+    for batch in out:
+        assert batch.dtype == np.float32 and batch.shape == (8, 28, 28, 1)
+        assert batch.min() >= -1.0 and batch.max() <= 1.0
+    seen = [i for batch in out for i in _indices(batch, mnist)]
+    assert len(set(seen)) == len(seen) == 48
+
+
+def test_order_depends_on_seed_and_epoch_only(mnist):
+    def order(seed, epoch):
+        return [i for b in data.batches(mnist, 8, seed, epoch) for i in _indices(b, mnist)]
+
+    assert order(3, 1) == order(3, 1)
+    assert order(3, 1) != order(3, 2)
+    assert order(3, 1) != order(4, 1)
+    assert order(3, 1) != sorted(order(3, 1))
+
+
+def test_skip_resumes_mid_epoch(mnist):
+    full = list(data.batches(mnist, 8, seed=1, epoch=2))
+    resumed = list(data.batches(mnist, 8, seed=1, epoch=2, skip=4))
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(resumed, full[4:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_batches_cover_every_image_in_order(mnist):
+    out = list(data.eval_batches(mnist, 16))
+    assert [len(b) for b in out] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(np.concatenate(out), data.to_float(mnist))
+
+
+def test_missing_data_offline_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "_online", lambda *args: False)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="--data-dir") as info:
+        data.load("mnist", "test", str(tmp_path))
+    assert time.perf_counter() - start < 3.0
+    assert "TFDS_DATA_DIR" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_missing_data_via_env_var(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "_online", lambda *args: False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=str(tmp_path)):
+        data.load("mnist", "test")
+
+
+def test_unknown_dataset_is_a_user_error():
+    with pytest.raises(UserError, match="nope"):
+        data.load("nope", "test")
+
+
+def test_resolve_data_dir_precedence(monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/from/env")
+    assert data.resolve_data_dir("/explicit") == "/explicit"
+    assert data.resolve_data_dir(None) == "/from/env"
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    assert data.resolve_data_dir(None).endswith("tensorflow_datasets")
+
+
+@pytest.fixture(scope="module")
+def real_mnist_test(real_data_dir):
+    return data.load("mnist", "test", real_data_dir("mnist"))
+
+
+def test_real_mnist_test_split(real_mnist_test):
+    images = real_mnist_test
+    assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
+    assert (images.min(), images.max()) == (0, 255)
+    assert images.mean() == pytest.approx(33.79, abs=0.01)  # the official test split's mean
+
+
+def test_real_mnist_seeded_order(real_mnist_test):
+    first = [b for _, b in zip(range(3), data.batches(real_mnist_test, 64, seed=0, epoch=0))]
+    again = [b for _, b in zip(range(3), data.batches(real_mnist_test, 64, seed=0, epoch=0))]
+    order = np.random.default_rng([0, 0]).permutation(10000)  # the documented order
+    for i, (a, b) in enumerate(zip(first, again)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, data.to_float(real_mnist_test[order[i * 64:(i + 1) * 64]]))
+    other = next(data.batches(real_mnist_test, 64, seed=0, epoch=1))
+    assert not np.array_equal(first[0], other)
+
+
+def test_real_cifar10_test_split(real_data_dir):
+    images = data.load("cifar10", "test", real_data_dir("cifar10"))
+    assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_allclose(images.reshape(-1, 3).mean(0), [126.0, 123.7, 114.8], atol=1.0)
