@@ -4,7 +4,7 @@
     pytest parity_tests --parity-device cpu      CPU only (or gpu: GPU only)
 
 On a GPU, TF32 is turned off in both frameworks so that matmuls and convolutions run in
-full float32, as they do on the CPU.
+full float32, as they do on the CPU. PyTorch runs its deterministic algorithms.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+torch.use_deterministic_algorithms(True)  # else PyTorch's CPU steps differ from run to run
 
 _WORST: dict[str, dict[str, float]] = defaultdict(dict)
 
@@ -74,6 +75,16 @@ def check(device: str):
         return diff
 
     return _check
+
+
+@pytest.fixture
+def measure(device: str):
+    """measure(quantity, value): record the worst value of a quantity reported, not bounded."""
+
+    def _measure(quantity: str, value: float) -> None:
+        _WORST[device][quantity] = max(value, _WORST[device].get(quantity, 0.0))
+
+    return _measure
 
 
 @pytest.fixture

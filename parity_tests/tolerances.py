@@ -8,6 +8,11 @@ NEAR_TIE = 1e-4  # argmins may differ only where the two best distances are clos
 #                  relative to the best distance's magnitude
 FORWARD = 1e-4  # encoder output, reconstruction, loss terms (train and eval mode)
 GRADIENT = 1e-4  # every parameter's gradient, codebook included
+ZERO_GRADIENT = 1e-3  # conv biases feeding a BatchNorm, whose exact gradient is 0: each twin's
+#                       |gradient| relative to the layer's largest weight gradient (rounding
+#                       noise; PyTorch's own reaches 3.8e-4)
 BATCHNORM = 1e-5  # running mean and variance after one train-mode step
-TRAIN_LOSS = 1e-3  # each of 50 Adam steps' loss
-TRAIN_WEIGHTS = 1e-2  # every parameter after 50 Adam steps
+TRAIN_LOSS = 1e-3  # float64: each of 50 Adam steps' loss terms (measured: 1e-15)
+TRAIN_WEIGHTS = 2e-5  # float64: every parameter after 50 Adam steps (measured: 7.6e-6)
+TRAIN_LOSS_FLOAT32 = 5e-2  # float32: each step's total loss; rounding amplified by Adam and
+#                            the argmin (test_training.py); measured up to 1.3e-2
