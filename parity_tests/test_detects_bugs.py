@@ -1,0 +1,124 @@
+"""Each parity check fails when it should: a known porting bug, planted in the Flax twin,
+must push the compared quantity past its tolerance."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from parity_tests import tolerances as tol
+from parity_tests.conftest import relative
+from parity_tests.test_forward import compare_forward, images
+from parity_tests.test_quantizer import run_both
+from parity_tests.twins import Pair, flax_grads, flax_state, torch_grads, torch_state
+from vqvae_common.config import ModelConfig
+from vqvae_jax import model as jax_model
+
+SMALL = ModelConfig(in_channels=1, hidden=16, num_codes=32)
+
+
+def violations(pair: Pair, x: np.ndarray, train: bool) -> list[str]:
+    """The forward checks of test_forward that would fail, instead of asserting."""
+    failed = []
+
+    def record(quantity, got, want, bound, scale=None):
+        if relative(got, want, scale) > bound:
+            failed.append(quantity)
+
+    try:
+        compare_forward(pair, x, train, record)
+    except AssertionError as e:  # the indices check asserts directly
+        failed.append(str(e))
+    return failed
+
+
+def test_the_unmodified_twins_pass():
+    pair = Pair(SMALL, 0, "cpu")
+    assert violations(pair, images("mnist", 4, 0), train=True) == []
+
+
+def test_a_transposed_conv_kernel_fails_the_forward_check():
+    pair = Pair(SMALL, 0, "cpu")
+    kernel = pair.flax.encoder.res1.conv1.kernel
+    kernel[...] = kernel[...].transpose(1, 0, 2, 3)  # (kh, kw) swapped in a converter
+    assert violations(pair, images("mnist", 4, 0), train=True)
+
+
+def test_a_flipped_transposed_conv_kernel_fails_the_forward_check():
+    pair = Pair(SMALL, 0, "cpu")
+    kernel = pair.flax.decoder.deconv1.kernel
+    kernel[...] = kernel[...][::-1, ::-1]  # the spatial flip between conv and its transpose
+    assert violations(pair, images("mnist", 4, 0), train=False)
+
+
+@pytest.mark.parametrize("bug", ["flax_momentum", "biased_running_var"])
+def test_a_batchnorm_convention_flip_fails_the_running_stats_check(bug, monkeypatch):
+    if bug == "biased_running_var":  # Flax's own BatchNorm keeps the biased variance
+        monkeypatch.setattr(jax_model.BatchNorm, "__call__", _biased_batchnorm)
+    pair = Pair(SMALL, 0, "cpu")
+    if bug == "flax_momentum":  # Flax's momentum 0.9 read as PyTorch's 0.1
+        for _, module in nnx.iter_modules(pair.flax):
+            if isinstance(module, jax_model.BatchNorm):
+                module.momentum = 0.9
+    tx, fx = pair.x(images("mnist", 4, 0))
+    pair.torch.train()
+    pair.torch(tx)
+    pair.flax.train()
+    pair.flax(fx)
+    t, f = torch_state(pair.torch), flax_state(pair.flax)
+    worst = max(relative(f[k], t[k]) for k in t if k.endswith(("running_mean", "running_var")))
+    assert worst > tol.BATCHNORM
+
+
+def _biased_batchnorm(self, x):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    self.mean[...] = 0.9 * self.mean[...] + 0.1 * mean
+    self.var[...] = 0.9 * self.var[...] + 0.1 * var
+    self.count[...] = self.count[...] + 1
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+def _worst_gradient(pair: Pair, x: np.ndarray, prefix: str) -> float:
+    tx, fx = pair.x(x)
+    t, f = torch_grads(pair.torch, tx), flax_grads(pair.flax, fx)
+    return max(relative(f[k], t[k], float(np.abs(t[k]).max())) for k in t if k.startswith(prefix))
+
+
+def test_a_missing_straight_through_fails_the_gradient_check(monkeypatch):
+    call = jax_model.VectorQuantizer.__call__
+
+    def no_straight_through(self, z):
+        q = call(self, z)
+        return q._replace(z_q=jax.lax.stop_gradient(q.z_q))
+
+    monkeypatch.setattr(jax_model.VectorQuantizer, "__call__", no_straight_through)
+    pair = Pair(SMALL, 0, "cpu")
+    assert _worst_gradient(pair, images("mnist", 8, 0), "encoder.") > tol.GRADIENT
+
+
+def test_losses_taken_after_the_straight_through_patch_fail_the_gradient_check(monkeypatch):
+    def losses_after_patch(self, z):
+        q = call(self, z)  # the known bug: both terms computed from z_q_st
+        return q._replace(codebook_loss=jax_model.mse(q.z_q, jax.lax.stop_gradient(z)),
+                          commitment_loss=jax_model.mse(z, jax.lax.stop_gradient(q.z_q)))
+
+    call = jax_model.VectorQuantizer.__call__
+    monkeypatch.setattr(jax_model.VectorQuantizer, "__call__", losses_after_patch)
+    pair = Pair(SMALL, 0, "cpu")
+    assert _worst_gradient(pair, images("mnist", 8, 0), "quantizer.codebook") > tol.GRADIENT
+
+
+def test_the_seed_models_distance_sign_fails_the_quantizer_check(monkeypatch):
+    def plus_two_ze(self, z):  # the seed's ||z||^2 + 2 z.e + ||e||^2
+        e = self.codebook[...]
+        flat = z.reshape(-1, z.shape[-1])
+        d = (flat ** 2).sum(1, keepdims=True) + 2 * flat @ e.T + (e ** 2).sum(1)
+        idx = d.argmin(1)
+        return jax_model.Quantized(e[idx].reshape(z.shape), idx.reshape(z.shape[:-1]),
+                                   jax.numpy.zeros(()), jax.numpy.zeros(()))
+
+    monkeypatch.setattr(jax_model.VectorQuantizer, "__call__", plus_two_ze)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, 7, 7, 16)).astype(np.float32)
+    codebook = rng.standard_normal((32, 16)).astype(np.float32)
+    t, f = run_both(z, codebook, "cpu")
+    assert np.mean(t.indices.numpy() != np.asarray(f.indices)) > 0.5
