@@ -77,6 +77,11 @@ def parse(framework: str, argv: Sequence[str] | None = None
     return model, cfg.TrainConfig(**args)
 
 
+def one_line(error: Exception) -> str:
+    """The message with every run of whitespace, newlines included, made one space."""
+    return " ".join(str(error).split())
+
+
 def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
          argv: Sequence[str] | None = None) -> int:
     """Parse, run `fit`, and report a user error as one line instead of a traceback."""
@@ -84,7 +89,7 @@ def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], objec
         model, train = parse(framework, argv)
         fit(model, train)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue from the last checkpoint",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,7 +27,9 @@ GRID_PAIRS = 32
 class Twin(Protocol):
     """What a framework implements for `fit`. Images are NHWC float32 numpy in [-1, 1]."""
 
-    checkpoint_name: str
+    checkpoint_name: str  # file or directory name inside --out
+
+    def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> None: ...
 
     def train_step(self, batch: np.ndarray) -> Any:
         """One optimizer step; returns the loss terms on the device, not synced."""
@@ -95,10 +97,13 @@ def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
     images.interpolation_gif(frames, os.path.join(out, "interpolation.gif"))
 
 
-def fit(make_twin: Callable[[cfg.ModelConfig, cfg.TrainConfig], Twin],
-        model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> dict[str, float]:
-    """Train, evaluating each epoch; returns the last test-split metrics."""
+def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
+        train_cfg: cfg.TrainConfig) -> dict[str, float]:
+    """Train, evaluating each epoch; returns the last test-split metrics. `make_twin` is a
+    Twin class: its checkpoint_name is checked before any data is decoded."""
     out = prepare_out_dir(train_cfg.out)
+    ckpt = os.path.join(out, make_twin.checkpoint_name)
+    _check_resume(ckpt, train_cfg, out)
     train_images = data.load(train_cfg.dataset, "train", train_cfg.data_dir)
     test_images = data.load(train_cfg.dataset, "test", train_cfg.data_dir)
     per_epoch = data.steps_per_epoch(len(train_images), train_cfg.batch_size)
@@ -110,8 +115,7 @@ def fit(make_twin: Callable[[cfg.ModelConfig, cfg.TrainConfig], Twin],
         total = min(total, train_cfg.max_steps)
 
     twin = make_twin(model_cfg, train_cfg)
-    ckpt = os.path.join(out, twin.checkpoint_name)
-    step = _start_step(twin, ckpt, train_cfg, out)
+    step = twin.load(ckpt) if train_cfg.resume else 0
     write_atomic(os.path.join(out, "config.json"), cfg.to_json(model_cfg, train_cfg))
 
     logbook = Logbook(out, append=train_cfg.resume)
@@ -154,15 +158,12 @@ def fit(make_twin: Callable[[cfg.ModelConfig, cfg.TrainConfig], Twin],
     return last_eval
 
 
-def _start_step(twin: Twin, ckpt: str, train_cfg: cfg.TrainConfig, out: str) -> int:
-    if not train_cfg.resume:
-        if os.path.exists(ckpt):
-            raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                            f"or choose another --out")
-        return 0
-    if not os.path.exists(ckpt):
+def _check_resume(ckpt: str, train_cfg: cfg.TrainConfig, out: str) -> None:
+    if train_cfg.resume and not os.path.exists(ckpt):
         raise UserError(f"--resume: no checkpoint {ckpt} to resume from")
-    return twin.load(ckpt)
+    if not train_cfg.resume and os.path.exists(ckpt):
+        raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                        f"or choose another --out")
 
 
 def _finite_or_stop(record: dict[str, float], step: int, ckpt: str) -> dict[str, float]:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
+from vqvae_common.cli import one_line
 from vqvae_common.errors import UserError
 from vqvae_jax.model import VQVAE, BatchNorm, ConvTranspose, VectorQuantizer
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _convert(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -31,6 +31,8 @@ from flax import nnx
 from vqvae_common.config import ModelConfig
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+PAD1 = ((1, 1), (1, 1))
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -71,32 +73,46 @@ class BatchNorm(nnx.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
+def _strided_conv(u: jax.Array, w: jax.Array) -> jax.Array:
+    """Conv 4x4, stride 2, padding 1 (NHWC, HWIO)."""
+    return jax.lax.conv_general_dilated(u, w, (2, 2), PAD1, dimension_numbers=NHWC)
+
+
+@jax.custom_vjp
 def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """PyTorch's conv_transpose2d(stride 2, padding 1) for a 4x4 kernel, without bias.
 
     x (B, H, W, I), kernel (4, 4, I, O) with kernel[p, q, i, o] = torch_weight[i, o, p, q],
-    result (B, 2H, 2W, O). PyTorch's definition: input pixel (m, n) adds x[m, n] @ kernel[p, q]
-    to output (2m - 1 + p, 2n - 1 + q). Computed as its two halves (col2im):
+    result (B, 2H, 2W, O). A transposed convolution is the adjoint of the strided convolution
+    C(u) = conv(u, W) from O to I channels, W[p, q, o, i] = kernel[p, q, i, o]:
 
-        Z = x @ kernel                       (B, H, W, 4, 4, O), one matmul
-        y = sum_{p, q} shift_{p, q}(Z[..., p, q, :])
+        y      = C^T x                       (the strided conv's input-gradient)
+        dL/dx  = C dy                        (a strided conv)
+        dL/dW  = kernel-gradient of C at input dy and output cotangent x
 
-    Writing p = 2s + r, output row 2j + r - 1 takes Z[row j - s, p], so each of the four
-    output phases (r, r') is a sum of four Z slices shifted by s, s' in {0, 1}.
-
-    Not a convolution on purpose: XLA's CPU backend computes the kernel gradient of a
-    transposed (lhs-dilated) convolution, and of its sub-pixel 2x2 equivalent, 10-100x
-    slower than this matmul (bench/conv_transpose.py). The result is exact up to float
-    summation order.
+    Written with a custom VJP so that all three are the strided convolution's own fast
+    kernels: left to autodiff, XLA's CPU backend computes the kernel gradient of a transposed
+    (lhs-dilated) convolution 10-100x slower (bench/conv_transpose.py).
     """
-    b, h, w, i = x.shape
-    o = kernel.shape[-1]
-    z = (x @ kernel.transpose(2, 0, 1, 3).reshape(i, 16 * o)).reshape(b, h, w, 2, 2, 2, 2, o)
-    phases = [[sum(jnp.pad(z[:, :, :, s, r, t, c], ((0, 0), (s, 1 - s), (t, 1 - t), (0, 0)))
-                   for s in (0, 1) for t in (0, 1))
-               for c in (0, 1)] for r in (0, 1)]  # phases[r][c]: (B, H+1, W+1, O)
-    y = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, H+1, r, W+1, c, O)
-    return y.reshape(b, 2 * h + 2, 2 * w + 2, o)[:, 1:-1, 1:-1]
+    b, h, w, _ = x.shape
+    out = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[-1]), x.dtype)
+    (y,) = jax.linear_transpose(lambda u: _strided_conv(u, kernel.transpose(0, 1, 3, 2)), out)(x)
+    return y
+
+
+def _conv_transpose_fwd(x: jax.Array, kernel: jax.Array):
+    return conv_transpose(x, kernel), (x, kernel)
+
+
+def _conv_transpose_bwd(residuals, dy: jax.Array):
+    x, kernel = residuals
+    w = kernel.transpose(0, 1, 3, 2)
+    _, kernel_vjp = jax.vjp(lambda w: _strided_conv(dy, w), w)
+    (dw,) = kernel_vjp(x)
+    return _strided_conv(dy, w), dw.transpose(0, 1, 3, 2)
+
+
+conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
 
 
 class ConvTranspose(nnx.Module):

@@ -43,7 +43,8 @@ def load(path: str, device: torch.device, config: ModelConfig | None = None) -> 
             zipfile.BadZipFile) as e:
         raise UserError(f"cannot load {path}: not a PyTorch checkpoint of this project, "
                         f"or truncated/corrupt ({type(e).__name__})") from e
-    if not isinstance(payload, dict) or payload.get("framework") != "torch":
+    if not isinstance(payload, dict) or payload.get("framework") != "torch" or not {
+            "model_config", "step", "model"} <= payload.keys():
         found = payload.get("framework") if isinstance(payload, dict) else None
         raise UserError(f"{path} is a {found or 'foreign'} checkpoint, not a PyTorch one; "
                         f"convert it first (python -m vqvae_jax.convert)")

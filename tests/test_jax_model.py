@@ -1,0 +1,276 @@
+"""vqvae_jax.model, test for test the twin of tests/test_torch_model.py (NHWC layout), plus the
+Flax-only pieces that must reproduce PyTorch: BatchNorm, the transposed convolution, and the
+quantizer's HIGHEST-precision distance matmul."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from vqvae_common.config import PRESETS, ModelConfig
+from vqvae_jax.model import (VQVAE, BatchNorm, ConvTranspose, ResidualBlock, VectorQuantizer,
+                             conv_transpose)
+
+CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
+Z = [[0.9, 0.2], [0.1, 1.2]]  # two latent vectors, laid out as z_e (1, 1, 2, D) below
+# ||z - e_k||^2 by hand:   e0            e1            e2
+DIST = [[0.81 + 0.04, 0.01 + 0.04, 0.81 + 3.24],
+        [0.01 + 1.44, 0.81 + 1.44, 0.01 + 0.64]]
+
+
+def _quantizer(codebook):
+    vq = VectorQuantizer(*np.shape(codebook), rngs=nnx.Rngs(0))
+    vq.codebook[...] = jnp.asarray(codebook, jnp.float32)
+    return vq
+
+
+def _z_e(vectors, h=1):
+    """(N, D) vectors -> z_e (1, h, N/h, D)."""
+    z = jnp.asarray(vectors, jnp.float32)
+    return z.reshape(1, h, -1, z.shape[1])
+
+
+def _functional(vq):
+    """(f, params): f(params, z_e) -> Quantized, a pure function of the codebook and z_e."""
+    graphdef, params = nnx.split(vq)
+    return (lambda p, z: nnx.merge(graphdef, p)(z)), params
+
+
+def _codebook_of(state):
+    (leaf,) = jax.tree.leaves(state)
+    return np.asarray(leaf)
+
+
+def test_hand_computed_distances_pick_the_nearest_code():
+    np.testing.assert_allclose(DIST, ((np.array(Z)[:, None] - np.array(CODEBOOK)) ** 2).sum(-1))
+    q = _quantizer(CODEBOOK)(_z_e(Z))
+    assert q.indices.shape == (1, 1, 2) and q.indices.dtype == jnp.int32
+    assert np.asarray(q.indices).flatten().tolist() == [1, 2] == np.argmin(DIST, 1).tolist()
+    np.testing.assert_allclose(np.asarray(q.z_q[0, 0]), [CODEBOOK[1], CODEBOOK[2]], atol=1e-6)
+    # (0.1^2 + 0.2^2 + 0.1^2 + 0.8^2) / 4 elements
+    assert float(q.codebook_loss) == pytest.approx(0.175, rel=1e-6)
+    assert float(q.commitment_loss) == pytest.approx(0.175, rel=1e-6)
+
+
+def test_random_latents_map_to_the_nearest_code():
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(16, 4)).astype(np.float32)
+    z = rng.normal(size=(2 * 3 * 5, 4)).astype(np.float32)
+    q = _quantizer(codebook)(_z_e(z, h=6))
+    nearest = ((z[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(np.asarray(q.indices).flatten(), nearest)
+    np.testing.assert_allclose(np.asarray(q.z_q).reshape(-1, 4), codebook[nearest], atol=1e-6)
+
+
+def test_straight_through_gradient_is_the_identity():
+    f, params = _functional(VectorQuantizer(8, 4, rngs=nnx.Rngs(0)))
+    z_e = jax.random.normal(jax.random.key(1), (2, 3, 3, 4))
+    upstream = jax.random.normal(jax.random.key(2), (2, 3, 3, 4))
+    _, vjp = jax.vjp(lambda p, z: f(p, z).z_q, params, z_e)
+    codebook_grad, z_grad = vjp(upstream)
+    np.testing.assert_array_equal(np.asarray(z_grad), np.asarray(upstream))
+    assert not _codebook_of(codebook_grad).any()
+
+
+def test_commitment_term_does_not_reach_the_codebook():
+    f, params = _functional(_quantizer(CODEBOOK))
+    codebook_grad, z_grad = jax.grad(lambda p, z: f(p, z).commitment_loss, (0, 1))(
+        params, _z_e(Z))
+    assert not _codebook_of(codebook_grad).any()
+    expected = 2 * (np.array(Z) - np.array(CODEBOOK)[[1, 2]]) / 4
+    np.testing.assert_allclose(np.asarray(z_grad[0, 0]), expected, rtol=1e-6)
+
+
+def test_codebook_term_trains_only_the_codebook():
+    rng = np.random.default_rng(1)
+    codebook = rng.normal(size=(5, 3)).astype(np.float32)
+    z = rng.normal(size=(12, 3)).astype(np.float32)
+    f, params = _functional(_quantizer(codebook))
+    z_e = _z_e(z, h=3)
+    codebook_grad, z_grad = jax.grad(lambda p, z: f(p, z).codebook_loss, (0, 1))(params, z_e)
+    assert not np.asarray(z_grad).any()
+    idx = np.asarray(f(params, z_e).indices).flatten()
+    expected = np.zeros_like(codebook)
+    np.add.at(expected, idx, 2 * (codebook[idx] - z) / z.size)
+    assert len(set(idx)) > 1
+    np.testing.assert_allclose(_codebook_of(codebook_grad), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_losses_match_numpy():
+    model = VQVAE(ModelConfig(in_channels=1, hidden=8, num_codes=16, beta=0.25),
+                  rngs=nnx.Rngs(0))
+    model.train()
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1)
+    z_e = nnx.clone(model).encoder(x)  # train mode: batch statistics, as inside model(x)
+    out = model(x)
+
+    z = np.asarray(z_e, np.float64).reshape(-1, 8)
+    codebook = np.asarray(model.quantizer.codebook[...], np.float64)
+    idx = ((z[:, None] - codebook) ** 2).sum(-1).argmin(1)
+    z_q = codebook[idx]
+    recon = np.mean((np.asarray(out.recon, np.float64) - np.asarray(x, np.float64)) ** 2)
+    codebook_term = np.mean((z_q - z) ** 2)
+    total = recon + codebook_term + 0.25 * codebook_term
+
+    np.testing.assert_array_equal(np.asarray(out.indices).flatten(), idx)
+    assert float(out.losses["recon"]) == pytest.approx(recon, rel=1e-5)
+    assert float(out.losses["codebook"]) == pytest.approx(codebook_term, rel=1e-5)
+    assert float(out.losses["commitment"]) == pytest.approx(codebook_term, rel=1e-5)
+    assert float(out.losses["loss"]) == pytest.approx(total, rel=1e-5)
+    assert total != pytest.approx(recon + 2 * codebook_term, rel=1e-3)
+
+    z_q_nhwc = jnp.asarray(z_q, jnp.float32).reshape(4, 7, 7, 8)
+    np.testing.assert_allclose(np.asarray(model.decoder(z_q_nhwc)), np.asarray(out.recon),
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dataset, size, latent", [("mnist", 28, 7), ("cifar10", 32, 8)])
+def test_preset_shapes(dataset, size, latent):
+    config = PRESETS[dataset]
+    model = VQVAE(config, rngs=nnx.Rngs(0))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(1), (2, size, size, config.in_channels),
+                           minval=-1, maxval=1)
+    z_e = model.encoder(x)
+    out = model(x)
+    d = {"mnist": 128, "cifar10": 256}[dataset]
+    assert z_e.shape == (2, latent, latent, d)
+    assert model.quantizer.codebook[...].shape == (512, d)
+    assert out.recon.shape == x.shape
+    assert out.indices.shape == (2, latent, latent)
+    assert float(jnp.abs(out.recon).max()) <= 1.0
+    assert set(out.losses) == {"loss", "recon", "codebook", "commitment"}
+
+
+def test_initialisers():
+    model = VQVAE(PRESETS["mnist"], rngs=nnx.Rngs(0))
+    convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, (nnx.Conv, ConvTranspose))]
+    assert len(convs) == 12
+    for conv in convs:
+        assert not np.asarray(conv.bias[...]).any()
+        w = np.asarray(conv.kernel[...])  # (kh, kw, I, O)
+        receptive = w.shape[0] * w.shape[1]
+        xavier = math.sqrt(2.0 / ((w.shape[2] + w.shape[3]) * receptive))
+        assert w.std() == pytest.approx(xavier, rel=0.1), conv
+        # a plain normal, not Flax's truncated default: a truncated normal of this std never
+        # exceeds 2.28 std; here ~1.2% of at least 2048 entries lie beyond 2.5 std
+        assert (np.abs(w) > 2.5 * xavier).any(), conv
+    k = PRESETS["mnist"].num_codes
+    codebook = np.asarray(model.quantizer.codebook[...])
+    assert np.abs(codebook).max() <= 1 / k
+    assert codebook.min() < -0.9 / k and codebook.max() > 0.9 / k
+
+
+def test_residual_block_skip_carries_x_not_relu_x():
+    block = ResidualBlock(4, rngs=nnx.Rngs(0))
+    block.train()
+    x = -jax.random.uniform(jax.random.key(1), (2, 5, 5, 4)) - 0.5
+    out = block(x)
+    # relu(x) = 0, and batch norm in train mode maps the constant conv output to 0: F(x) = 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x), atol=1e-4, rtol=0)
+
+
+def test_residual_block_is_x_plus_f_of_x():
+    block = ResidualBlock(4, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for bn in (block.bn1, block.bn2):
+        bn.mean[...] = jnp.asarray(rng.uniform(-0.5, 0.5, 4), jnp.float32)
+        bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
+    block.eval()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
+    f = block.bn2(block.conv2(jax.nn.relu(block.bn1(block.conv1(jax.nn.relu(x))))))
+    np.testing.assert_allclose(np.asarray(block(x)), np.asarray(x + f), rtol=1.3e-6, atol=1e-5)
+
+
+# --- Flax only: the pieces written out to reproduce PyTorch's semantics ---------------------
+
+
+def test_batch_norm_matches_torch():
+    rng = np.random.default_rng(0)
+    c = 3
+    ours = BatchNorm(c)
+    ref = torch.nn.BatchNorm2d(c, momentum=0.1, eps=1e-5)
+    scale, bias = rng.uniform(0.5, 2.0, c), rng.normal(size=c)
+    ours.scale[...] = jnp.asarray(scale, jnp.float32)
+    ours.bias[...] = jnp.asarray(bias, jnp.float32)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(scale))
+        ref.bias.copy_(torch.tensor(bias))
+
+    def both(x):
+        return np.asarray(ours(jnp.asarray(x))), \
+            ref(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().permute(0, 2, 3, 1).numpy()
+
+    ours.train()
+    ref.train()
+    for step in range(1, 4):
+        # n = 4*5*6 = 120 values per channel: the unbiased running variance is 0.8% larger
+        x = (rng.normal(size=(4, 5, 6, c)) * [1.0, 3.0, 0.2] + [2.0, -1.0, 0.5]).astype(np.float32)
+        y, y_ref = both(x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ours.mean[...]), ref.running_mean.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ours.var[...]), ref.running_var.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        assert int(ours.count[...]) == ref.num_batches_tracked.item() == step
+
+    ours.eval()
+    ref.eval()
+    x = (rng.normal(size=(2, 3, 4, c)) * 2 + 1).astype(np.float32)
+    y, y_ref = both(x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert int(ours.count[...]) == 3  # eval mode leaves the statistics alone
+    np.testing.assert_allclose(np.asarray(ours.var[...]), ref.running_var.numpy(), rtol=1e-5)
+
+
+CONV_T_SHAPES = [(2, 7, 7, 3, 5), (1, 4, 6, 2, 1), (3, 1, 1, 4, 2), (2, 5, 3, 1, 3),
+                 (1, 8, 8, 16, 16)]  # (B, H, W, I, O)
+
+
+def _torch_conv_transpose(x, kernel, bias=None):
+    """PyTorch's ConvTranspose2d(4, stride 2, padding 1) on NHWC numpy, weight (I, O, kh, kw)."""
+    out = torch.nn.functional.conv_transpose2d(
+        torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(kernel.transpose(2, 3, 0, 1)),
+        None if bias is None else torch.tensor(bias), stride=2, padding=1)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def _assert_close_relative(actual, expected, tol=1e-5):
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= tol * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("b, h, w, i, o", CONV_T_SHAPES)
+def test_conv_transpose_matches_torch(b, h, w, i, o):
+    rng = np.random.default_rng(h * 100 + w * 10 + i + o)
+    x = rng.normal(size=(b, h, w, i)).astype(np.float32)
+    kernel = rng.normal(size=(4, 4, i, o)).astype(np.float32)
+    y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(kernel)))
+    assert y.shape == (b, 2 * h, 2 * w, o)
+    _assert_close_relative(y, _torch_conv_transpose(x, kernel))
+
+
+def test_conv_transpose_module_matches_torch():
+    rng = np.random.default_rng(0)
+    for b, h, w, i, o in CONV_T_SHAPES[:3]:
+        module = ConvTranspose(i, o, rngs=nnx.Rngs(0))
+        module.bias[...] = jnp.asarray(rng.normal(size=o), jnp.float32)
+        x = rng.normal(size=(b, h, w, i)).astype(np.float32)
+        y = np.asarray(module(jnp.asarray(x)))
+        expected = _torch_conv_transpose(x, np.asarray(module.kernel[...]),
+                                         np.asarray(module.bias[...]))
+        _assert_close_relative(y, expected)
+
+
+def test_quantizer_distances_use_highest_precision():
+    vq = _quantizer(CODEBOOK)
+    jaxpr = jax.make_jaxpr(lambda z: vq(z).indices)(_z_e(Z)).jaxpr
+    dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    assert len(dots) == 1, jaxpr
+    precision = dots[0].params["precision"]
+    assert precision is not None, "the distance matmul runs at the backend's default precision"
+    operands = precision if isinstance(precision, tuple) else (precision,)
+    assert all(p == jax.lax.Precision.HIGHEST for p in operands), precision
