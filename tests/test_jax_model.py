@@ -253,6 +253,23 @@ def test_conv_transpose_matches_torch(b, h, w, i, o):
     _assert_close_relative(y, _torch_conv_transpose(x, kernel))
 
 
+@pytest.mark.parametrize("b, h, w, i, o", CONV_T_SHAPES[:2])
+def test_conv_transpose_gradients_match_torch(b, h, w, i, o):
+    rng = np.random.default_rng(h * 100 + w * 10 + i + o + 1)
+    x = rng.normal(size=(b, h, w, i)).astype(np.float32)
+    kernel = rng.normal(size=(4, 4, i, o)).astype(np.float32)
+    upstream = rng.normal(size=(b, 2 * h, 2 * w, o)).astype(np.float32)
+    _, vjp = jax.vjp(conv_transpose, jnp.asarray(x), jnp.asarray(kernel))
+    dx, dkernel = vjp(jnp.asarray(upstream))
+
+    x_t = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    weight = torch.tensor(kernel.transpose(2, 3, 0, 1)).requires_grad_()
+    torch.nn.functional.conv_transpose2d(x_t, weight, stride=2, padding=1).backward(
+        torch.tensor(upstream).permute(0, 3, 1, 2))
+    _assert_close_relative(np.asarray(dx), x_t.grad.permute(0, 2, 3, 1).numpy())
+    _assert_close_relative(np.asarray(dkernel), weight.grad.permute(2, 3, 0, 1).numpy())
+
+
 def test_conv_transpose_module_matches_torch():
     rng = np.random.default_rng(0)
     for b, h, w, i, o in CONV_T_SHAPES[:3]:

@@ -69,6 +69,8 @@ def test_evaluate_is_nhwc_and_leaves_batch_norm_alone(batch):
     assert losses["recon"] == pytest.approx(np.mean((recon - batch) ** 2), rel=1e-5)
     for key, value in twin.model.state_dict().items():
         assert torch.equal(value, stats[key]), key
+    # eval mode: running statistics, so an image's reconstruction ignores the rest of the batch
+    np.testing.assert_allclose(twin.evaluate(batch[:2])[0], recon[:2], rtol=0, atol=1e-5)
 
 
 def test_encode_decode_shapes(batch):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,37 +9,56 @@ import pytest
 from PIL import Image
 
 from vqvae_common import config
-from vqvae_torch import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+FRAMEWORKS = ["torch", "jax"]
+CHECKPOINT = {"torch": "checkpoint.pt", "jax": "checkpoint"}
 
 
-def _train(*args, data_dir=None, timeout=300):
+def _train(framework, *args, data_dir=None, timeout=300):
     env = dict(os.environ)
     if data_dir:
         env["TFDS_DATA_DIR"] = data_dir
-    return subprocess.run([sys.executable, str(ROOT / "train_torch.py"), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, str(ROOT / f"train_{framework}.py"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_unknown_dataset_exits_2_with_one_line():
-    run = _train("--dataset", "nope", timeout=60)
+def _checkpoint_step(framework, path, model_cfg):
+    """The step recorded in the checkpoint at `path`, after checking its model config."""
+    if framework == "torch":
+        from vqvae_torch import checkpoint
+
+        return checkpoint.load(str(path), device="cpu", config=model_cfg)["step"]
+    from vqvae_jax import checkpoint
+
+    meta = checkpoint.read_meta(str(path))
+    assert meta["model_config"] == dataclasses.asdict(model_cfg)
+    assert str(meta["step"]) in os.listdir(path)  # orbax's step folder
+    return meta["step"]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_unknown_dataset_exits_2_with_one_line(framework):
+    run = _train(framework, "--dataset", "nope", timeout=60)
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith("error:")
     assert "nope" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_resume_into_an_empty_dir_exits_2(tmp_path, real_data_dir):
-    run = _train("--resume", "--out", str(tmp_path / "run"), data_dir=real_data_dir("mnist"))
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_into_an_empty_dir_exits_2(tmp_path, real_data_dir, framework):
+    run = _train(framework, "--resume", "--out", str(tmp_path / "run"),
+                 data_dir=real_data_dir("mnist"))
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "--resume" in run.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / CHECKPOINT[framework]).exists()
 
 
-def test_short_training_run_writes_every_artifact(tmp_path, real_data_dir):
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_short_training_run_writes_every_artifact(tmp_path, real_data_dir, framework):
     out = tmp_path / "run"
-    run = _train("--max-steps", "30", "--log-every", "5", "--out", str(out),
+    run = _train(framework, "--max-steps", "30", "--log-every", "5", "--out", str(out),
                  data_dir=real_data_dir("mnist"))
     assert run.returncode == 0, run.stderr[-2000:]
 
@@ -54,7 +74,7 @@ def test_short_training_run_writes_every_artifact(tmp_path, real_data_dir):
 
     events = os.listdir(out / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
-    assert checkpoint.load(str(out / "checkpoint.pt"), device="cpu", config=model_cfg)["step"] == 30
+    assert _checkpoint_step(framework, out / CHECKPOINT[framework], model_cfg) == 30
     assert Image.open(out / "reconstruction.png").format == "PNG"
     gif = Image.open(out / "interpolation.gif")
     assert gif.format == "GIF" and gif.n_frames > 1

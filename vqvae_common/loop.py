@@ -118,7 +118,7 @@ def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
     step = twin.load(ckpt) if train_cfg.resume else 0
     write_atomic(os.path.join(out, "config.json"), cfg.to_json(model_cfg, train_cfg))
 
-    logbook = Logbook(out, append=train_cfg.resume)
+    logbook = Logbook(out, resume_step=step if train_cfg.resume else None)
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
     last_eval: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -132,16 +132,18 @@ def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
                 window_steps += 1
                 bar.update()
                 checkpoint_due = step % train_cfg.checkpoint_every == 0
-                if step % train_cfg.log_every == 0 or checkpoint_due or step == total:
+                epoch_done = step % per_epoch == 0 or step == total
+                if step % train_cfg.log_every == 0 or checkpoint_due or epoch_done:
+                    # before every save: a checkpoint never holds non-finite weights
                     record = _finite_or_stop(twin.fetch(step_metrics), step, ckpt)
                     elapsed = time.perf_counter() - window_start
                     record["images_per_s"] = window_steps * train_cfg.batch_size / elapsed
                     logbook.write({"step": step, "epoch": epoch, **record})
                     bar.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['recon']:.4f}")
                     window_start, window_steps = time.perf_counter(), 0
-                if checkpoint_due:
+                if checkpoint_due and not epoch_done:  # the epoch's end saves anyway
                     twin.save(ckpt, step)
-                if step == total:
+                if epoch_done:
                     break
             last_eval = evaluate(twin, test_images, train_cfg.eval_batch_size,
                                  model_cfg.num_codes)

@@ -41,6 +41,9 @@ class TorchTwin:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         self.device = select_device(train_cfg.device)
+        # Without this, PyTorch's CPU backward differs from run to run in the last bits,
+        # which the VQ argmin amplifies: same seed, different losses.
+        torch.use_deterministic_algorithms(True)
         torch.manual_seed(train_cfg.seed)
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)

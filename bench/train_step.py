@@ -1,0 +1,157 @@
+"""Training throughput of both twins, measured in one run on the same model, batch and device.
+
+    python bench/train_step.py [--dataset mnist|cifar10] [--device cpu|cuda|gpu]
+                               [--compile] [--quick] [--json OUT]
+
+Variants, timed in interleaved windows (A, B, C, A, B, C, ...) after a warm-up; each window
+runs `--steps` optimizer steps and syncs once, as the trainers do between log points:
+
+    torch_eager      vqvae_torch.train.TorchTwin.train_step
+    torch_compile    the same step under torch.compile (--compile; minutes to compile on CPU)
+    flax_jit         vqvae_jax.train.JaxTwin.train_step (one jitted call, buffers donated)
+
+Each is timed on a fixed batch and again fed by the real input pipeline (vqvae_common.data
+.batches over an in-memory uint8 split of the dataset's size), so the pipeline's share of a
+step shows as a percentage. FLOPs per image come from torch's FlopCounterMode and from XLA's
+compiled cost analysis. Prints a table and writes JSON; a measurement, never a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vqvae_common import data
+from vqvae_common.config import IMAGE_SHAPES, PRESETS, TrainConfig
+from vqvae_jax.train import JaxTwin
+from vqvae_torch.train import TorchTwin, to_tensor
+
+TRAIN_SIZES = {"mnist": 60_000, "cifar10": 50_000}
+
+
+def fixed_batches(batch: np.ndarray) -> Iterator[np.ndarray]:
+    while True:
+        yield batch
+
+
+def pipeline_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    epoch = 0
+    while True:
+        yield from data.batches(images, batch_size, seed=0, epoch=epoch)
+        epoch += 1
+
+
+def torch_flops(twin: TorchTwin, batch: np.ndarray) -> float:
+    """FLOPs of one forward + backward, counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        twin.model(to_tensor(batch, twin.device)).losses["loss"].backward()
+    twin.model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def jax_flops(twin: JaxTwin, batch: np.ndarray) -> float:
+    """FLOPs of the whole jitted step (optimizer included), from XLA's cost analysis."""
+    compiled = twin._train_step.lower(twin.state, batch).compile()
+    analysis = compiled.cost_analysis()
+    return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+
+def measure(steps: dict[str, Callable[[], None]], windows: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(windows):
+        for name, run_window in steps.items():
+            start = time.perf_counter()
+            run_window()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def window(twin, batches: Iterator[np.ndarray], steps: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(steps):
+            out = twin.train_step(next(batches))
+        twin.fetch(out)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=list(PRESETS), default="mnist")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda/gpu where present")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per window")
+    parser.add_argument("--windows", type=int, default=7, help="timed windows per variant")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--quick", action="store_true", help="a smoke run under a minute")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.windows, args.compile = 2, 2, False
+
+    model_cfg = PRESETS[args.dataset]
+    train_cfg = TrainConfig(dataset=args.dataset, batch_size=args.batch_size, device=args.device)
+    rng = np.random.default_rng(0)
+    split = rng.integers(0, 256, (TRAIN_SIZES[args.dataset], *IMAGE_SHAPES[args.dataset]),
+                         dtype=np.uint8)
+    batch = data.to_float(split[:args.batch_size])
+
+    twins = {"torch_eager": TorchTwin(model_cfg, train_cfg),
+             "flax_jit": JaxTwin(model_cfg, train_cfg)}
+    if args.compile:
+        twins["torch_compile"] = TorchTwin(model_cfg, train_cfg)
+        twins["torch_compile"].model.compile()
+    flops = {"torch_eager": torch_flops(twins["torch_eager"], batch),
+             "flax_jit": jax_flops(twins["flax_jit"], batch)}
+    flops["torch_compile"] = flops["torch_eager"]
+
+    compile_s = {}
+    for name, twin in twins.items():  # warm-up: compilation, allocator, caches
+        start = time.perf_counter()
+        twin.fetch(twin.train_step(batch))
+        compile_s[name] = time.perf_counter() - start
+        twin.fetch(twin.train_step(batch))
+
+    steps = {}
+    for name, twin in twins.items():
+        steps[name] = window(twin, fixed_batches(batch), args.steps)
+        steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size),
+                                           args.steps)
+    times = measure(steps, args.windows)
+
+    per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
+    results = {"machine": f"{platform.processor() or platform.machine()}, "
+                          f"{torch.get_num_threads()} torch threads, jax {jax.devices()[0]}",
+               "dataset": args.dataset, "batch_size": args.batch_size, "variants": {}}
+    print(f"{args.dataset}, batch {args.batch_size}, device {args.device} "
+          f"({args.windows} windows of {args.steps} steps, median)")
+    print(f"{'variant':24} {'ms/step':>9} {'images/s':>9} {'pipeline':>9} {'GFLOP/s':>9} "
+          f"{'first step s':>12}")
+    for name in twins:
+        step_s, fed_s = per_step[name], per_step[f"{name}+pipeline"]
+        row = {"ms_per_step": step_s * 1e3, "images_per_s": args.batch_size / step_s,
+               "images_per_s_with_pipeline": args.batch_size / fed_s,
+               "pipeline_overhead_pct": 100 * (fed_s - step_s) / step_s,
+               "flops_per_image": flops[name] / args.batch_size,
+               "gflops_per_s": flops[name] / step_s / 1e9, "first_step_s": compile_s[name]}
+        results["variants"][name] = row
+        print(f"{name:24} {row['ms_per_step']:9.1f} {row['images_per_s']:9.0f} "
+              f"{row['pipeline_overhead_pct']:8.1f}% {row['gflops_per_s']:9.1f} "
+              f"{row['first_step_s']:12.2f}")
+    ratio = per_step["flax_jit"] / per_step["torch_eager"]
+    results["flax_over_torch_eager_step_time"] = ratio
+    print(f"flax_jit step time / torch_eager step time = {ratio:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

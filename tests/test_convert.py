@@ -1,0 +1,203 @@
+"""vqvae_jax.convert: the lossless weight mapping between the twins, and its command line."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from vqvae_common.config import PRESETS, ModelConfig, TrainConfig
+from vqvae_common.errors import UserError
+from vqvae_jax import checkpoint as jax_checkpoint
+from vqvae_jax import convert
+from vqvae_jax.model import VQVAE
+from vqvae_jax.train import JaxTwin
+from vqvae_torch.train import TorchTwin, to_numpy, to_tensor
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"mnist": ModelConfig(in_channels=1, hidden=16, num_codes=32),
+         "cifar10": ModelConfig(in_channels=3, hidden=16, num_codes=32)}
+SIZE = {1: 28, 3: 32}
+
+
+def _batch(config, n=4, seed=0):
+    size = SIZE[config.in_channels]
+    return np.random.default_rng(seed).uniform(
+        -1, 1, (n, size, size, config.in_channels)).astype(np.float32)
+
+
+def _trained_torch(config, steps=2):
+    """A TorchTwin after `steps` Adam steps: weights moved, BatchNorm statistics non-trivial."""
+    twin = TorchTwin(config, TrainConfig(device="cpu", seed=0))
+    for step in range(steps):
+        twin.train_step(_batch(config, seed=step))
+    return twin
+
+
+def _state_dict(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _assert_bit_identical(expected, actual):
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        assert np.array_equal(actual[key], value), key
+
+
+@pytest.mark.parametrize("preset", ["mnist small", "cifar10 small", "mnist"])
+def test_torch_flax_torch_round_trip_is_bit_identical(preset):
+    config = PRESETS["mnist"] if preset == "mnist" else SMALL[preset.split()[0]]
+    state_dict = _state_dict(_trained_torch(config).model)
+    assert state_dict["encoder.bn1.num_batches_tracked"].dtype == np.int64
+    assert state_dict["encoder.bn1.num_batches_tracked"] == 2
+    assert not np.allclose(state_dict["decoder.res1.bn2.running_var"], 1.0)
+
+    model = VQVAE(config, rngs=nnx.Rngs(1))
+    convert.torch_to_flax(state_dict, model)
+    np.testing.assert_array_equal(np.asarray(model.encoder.conv1.kernel[...]),
+                                  state_dict["encoder.conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(model.decoder.deconv1.kernel[...]),
+                                  state_dict["decoder.deconv1.weight"].transpose(2, 3, 0, 1))
+    assert int(model.decoder.bn1.count[...]) == 2
+    _assert_bit_identical(state_dict, convert.flax_to_torch(model))
+
+
+@pytest.mark.parametrize("preset", ["mnist", "cifar10"])
+def test_converted_model_reconstructs_like_torch(preset):
+    config = SMALL[preset]
+    twin = _trained_torch(config, steps=3)
+    model = VQVAE(config, rngs=nnx.Rngs(1))
+    convert.torch_to_flax(_state_dict(twin.model), model)
+    model.eval()
+    twin.model.eval()
+
+    x = _batch(config, n=3, seed=10)
+    with torch.no_grad():
+        expected = twin.model(to_tensor(x, torch.device("cpu")))
+    out = model(x)
+    np.testing.assert_array_equal(np.asarray(out.indices), expected.indices.numpy())
+    recon, recon_ref = np.asarray(out.recon), to_numpy(expected.recon)
+    assert np.abs(recon - recon_ref).max() <= 1e-4 * np.abs(recon_ref).max()
+    assert float(out.losses["loss"]) == pytest.approx(expected.losses["loss"].item(), rel=1e-4)
+
+
+def test_missing_or_unexpected_key_is_a_user_error():
+    config = SMALL["mnist"]
+    state_dict = _state_dict(TorchTwin(config, TrainConfig(device="cpu")).model)
+    model = VQVAE(config, rngs=nnx.Rngs(0))
+    missing = dict(state_dict)
+    del missing["decoder.bn1.running_var"]
+    with pytest.raises(UserError, match="missing.*decoder.bn1.running_var"):
+        convert.torch_to_flax(missing, model)
+    extra = {**state_dict, "decoder.extra.weight": np.zeros(3, np.float32)}
+    with pytest.raises(UserError, match="unexpected.*decoder.extra.weight"):
+        convert.torch_to_flax(extra, model)
+
+
+def test_wrong_shape_is_a_user_error():
+    other = dataclasses.replace(SMALL["mnist"], hidden=8)
+    state_dict = _state_dict(TorchTwin(other, TrainConfig(device="cpu")).model)
+    with pytest.raises(UserError, match="shape"):
+        convert.torch_to_flax(state_dict, VQVAE(SMALL["mnist"], rngs=nnx.Rngs(0)))
+
+
+def _convert_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "vqvae_jax.convert", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ModelConfig(in_channels=1, hidden=8, num_codes=16)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(trained TorchTwin, its checkpoint.pt at step 5, that file converted by the CLI)."""
+    tmp = tmp_path_factory.mktemp("convert")
+    twin = _trained_torch(TINY)
+    ckpt, flax_dir = tmp / "ckpt.pt", tmp / "flax"
+    twin.save(str(ckpt), 5)
+    run = _convert_cli("--from-torch", str(ckpt), "--out", str(flax_dir))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == f"wrote {flax_dir}"
+    return twin, ckpt, flax_dir
+
+
+def test_cli_round_trip_is_bit_identical(tmp_path, converted):
+    twin, _, flax_dir = converted
+    meta = jax_checkpoint.read_meta(str(flax_dir))
+    assert meta["step"] == 5 and meta["weights_only"] is True
+    assert meta["model_config"] == dataclasses.asdict(TINY)
+    with pytest.raises(UserError, match="weights only"):  # converted: evaluate, never resume
+        JaxTwin(TINY, TrainConfig(device="cpu")).load(str(flax_dir))
+
+    back = tmp_path / "back.pt"
+    run = _convert_cli("--from-jax", str(flax_dir), "--out", str(back))
+    assert run.returncode == 0, run.stderr[-2000:]
+    payload = torch.load(back, weights_only=True)
+    assert payload["framework"] == "torch" and payload["step"] == 5
+    assert payload["model_config"] == dataclasses.asdict(TINY)
+    _assert_bit_identical(_state_dict(twin.model),
+                          {k: v.numpy() for k, v in payload["model"].items()})
+    with pytest.raises(UserError, match="weights only"):
+        TorchTwin(TINY, TrainConfig(device="cpu")).load(str(back))
+
+
+def test_cli_write_failure_exits_2_with_one_line(tmp_path, converted):
+    _, _, flax_dir = converted
+    (tmp_path / "file").write_text("a file, not a directory")
+    run = _convert_cli("--from-jax", str(flax_dir), "--out", str(tmp_path / "file" / "back.pt"))
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith("error:"), run.stderr
+    assert "cannot write" in run.stderr
+
+
+def _bad_inputs(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint\n" * 20)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"framework": "jax", "model_config": {}, "step": 1, "model": {}}, foreign)
+    odd = tmp_path / "odd.pt"
+    torch.save({"framework": "torch", "model_config": {"hidden": 8, "colour": "red"},
+                "step": 1, "model": {}}, odd)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {
+        "torch: nonexistent file": ["--from-torch", str(tmp_path / "nope.pt")],
+        "torch: garbage file": ["--from-torch", str(garbage)],
+        "torch: a directory": ["--from-torch", str(tmp_path)],
+        "torch: a foreign checkpoint": ["--from-torch", str(foreign)],
+        "torch: an unknown model config": ["--from-torch", str(odd)],
+        "jax: nonexistent dir": ["--from-jax", str(tmp_path / "nope")],
+        "jax: garbage file": ["--from-jax", str(garbage)],
+        "jax: empty dir": ["--from-jax", str(empty)],
+    }
+
+
+@pytest.mark.parametrize("case", ["torch: nonexistent file", "torch: garbage file",
+                                  "torch: a directory", "torch: a foreign checkpoint",
+                                  "torch: an unknown model config", "jax: nonexistent dir",
+                                  "jax: garbage file", "jax: empty dir"])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    source = tmp_path / "in"
+    source.mkdir()
+    argv = _bad_inputs(source)[case] + ["--out", str(tmp_path / "out")]
+    assert convert.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error:")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_garbage_file_exits_2_with_one_line(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00garbage" * 100)
+    run = _convert_cli("--from-torch", str(garbage), "--out", str(tmp_path / "out"), timeout=60)
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith("error:")
+    assert "garbage.pt" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
