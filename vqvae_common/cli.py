@@ -14,13 +14,15 @@ from vqvae_common.errors import UserError
 _DEFAULT = cfg.TrainConfig()
 
 
-class _Parser(argparse.ArgumentParser):
+class UserErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UserErrors: one line, exit status 2."""
+
     def error(self, message: str) -> NoReturn:
         raise UserError(message)
 
 
 def build_parser(framework: str) -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UserErrorParser(
         prog=f"train_{framework}.py",
         description=f"Train a VQ-VAE (van den Oord et al. 2017) in {framework} on MNIST or "
                     "CIFAR-10. Writes config.json, metrics.jsonl, TensorBoard events, a "

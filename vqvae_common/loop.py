@@ -72,11 +72,12 @@ def write_atomic(path: str, text: str) -> None:
 
 def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int,
              num_codes: int) -> dict[str, float]:
-    """Loss terms, MSE, PSNR and codebook usage over the whole split."""
+    """Loss terms, MSE, PSNR, SSIM and codebook usage over the whole split."""
     sums: dict[str, float] = {}
     counts = np.zeros(num_codes, np.int64)
     for batch in data.eval_batches(test_images, batch_size):
-        _, indices, losses = twin.evaluate(batch)
+        recons, indices, losses = twin.evaluate(batch)
+        losses["ssim"] = float(metrics.ssim_per_image(batch, recons).mean())
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)
         counts += metrics.code_counts(indices, num_codes)
@@ -149,7 +150,8 @@ def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
                                  model_cfg.num_codes)
             logbook.write({"step": step, "epoch": epoch, **last_eval}, prefix="test")
             bar.write(f"epoch {epoch} step {step}: test mse {last_eval['mse']:.5f} "
-                      f"psnr {last_eval['psnr']:.2f} dB perplexity {last_eval['perplexity']:.1f} "
+                      f"psnr {last_eval['psnr']:.2f} dB ssim {last_eval['ssim']:.3f} "
+                      f"perplexity {last_eval['perplexity']:.1f} "
                       f"codes used {last_eval['codes_used']:.1%}")
             twin.save(ckpt, step)
             write_artifacts(twin, test_images, out)

@@ -4,6 +4,8 @@
     PSNR       10 log10(255^2 / MSE_255), with MSE_255 = MSE * 127.5^2 (the [0, 255] scale)
     perplexity exp(-sum_k p_k log p_k), p_k the share of latents assigned to code k
     codes used the fraction of the K codes assigned at least once
+    SSIM       Wang et al. 2004 on [0, 255]: 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
+               K2 = 0.03, valid positions only, averaged over positions and channels
 """
 from __future__ import annotations
 
@@ -33,3 +35,29 @@ def perplexity(counts: np.ndarray) -> float:
 
 def codes_used(counts: np.ndarray) -> float:
     return float(np.mean(counts > 0))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    g = np.exp(-0.5 * ((np.arange(size) - size // 2) / sigma) ** 2)
+    return g / g.sum()
+
+
+def _filter(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Separable 'valid' filtering of (N, H, W, C) over H and W."""
+    x = np.lib.stride_tricks.sliding_window_view(x, len(g), axis=1) @ g
+    return np.lib.stride_tricks.sliding_window_view(x, len(g), axis=2) @ g
+
+
+def ssim_per_image(targets: np.ndarray, recons: np.ndarray) -> np.ndarray:
+    """SSIM of each image pair, (N,), for NHWC images on [-1, 1]."""
+    x = (np.asarray(targets, np.float64) + 1.0) * 127.5
+    y = (np.asarray(recons, np.float64) + 1.0) * 127.5
+    g = _gaussian_window()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_x, mu_y = _filter(x, g), _filter(y, g)
+    var_x = _filter(x * x, g) - mu_x ** 2
+    var_y = _filter(y * y, g) - mu_y ** 2
+    cov = _filter(x * y, g) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)
+         / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)))
+    return s.mean(axis=(1, 2, 3))

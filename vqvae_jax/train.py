@@ -83,6 +83,15 @@ class JaxTwin:
         self._encode = jax.jit(functools.partial(encode, self.graphdef))
         self._decode = jax.jit(functools.partial(decode, self.graphdef))
 
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto") -> "JaxTwin":
+        """The model saved in `path` (any Flax checkpoint of this project, converted ones
+        included), ready to evaluate."""
+        config = ModelConfig(**checkpoint.read_meta(path)["model_config"])
+        twin = cls(config, TrainConfig(device=device))
+        twin.state, _ = checkpoint.load(path, config, twin.state)
+        return twin
+
     def _put(self, batch: np.ndarray) -> jax.Array:
         return jax.device_put(batch, self.device)
 

@@ -45,8 +45,18 @@ class TorchTwin:
         # which the VQ argmin amplifies: same seed, different losses.
         torch.use_deterministic_algorithms(True)
         torch.manual_seed(train_cfg.seed)
+        self.config = model_cfg
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto") -> "TorchTwin":
+        """The model saved in `path` (any PyTorch checkpoint of this project, converted ones
+        included), ready to evaluate."""
+        payload = checkpoint.load(path, select_device(device))
+        twin = cls(ModelConfig(**payload["model_config"]), TrainConfig(device=device))
+        twin.model.load_state_dict(payload["model"])
+        return twin
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
         self.model.train()
@@ -78,12 +88,12 @@ class TorchTwin:
 
     def save(self, path: str, step: int) -> None:
         checkpoint.save(path, {
-            "framework": "torch", "model_config": dataclasses.asdict(self.model.config),
+            "framework": "torch", "model_config": dataclasses.asdict(self.config),
             "step": step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict()})
 
     def load(self, path: str) -> int:
-        payload = checkpoint.load(path, self.device, self.model.config)
+        payload = checkpoint.load(path, self.device, self.config)
         if "optimizer" not in payload:
             raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
                             f"evaluated but not resumed")
