@@ -22,6 +22,7 @@ so that both twins compute the same function.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -39,11 +40,50 @@ def mse(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean((a - b) ** 2)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Train-mode batch normalization over (B, H, W) per channel: (y, mu_B, var_B).
+
+        y = (x - mu_B) / sqrt(var_B + eps) * scale + bias,  var_B the biased batch variance
+
+    With its closed-form backward, as PyTorch's kernel has (2-4x faster on XLA's CPU backend
+    than autodiff through the formula; bench/ measured):
+
+        dx = scale / (n sqrt(var_B + eps)) * (n dy - sum(dy) - x_hat sum(dy x_hat))
+             + (d mu_B + 2 (x - mu_B) d var_B) / n
+    """
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+    mean = x.mean((0, 1, 2))
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), (0, 1, 2))
+    inv = jax.lax.rsqrt(var + eps)
+    x_hat = centred * inv
+    return (x_hat * scale + bias, mean, var), (x_hat, centred, inv, scale)
+
+
+def _batch_norm_bwd(eps, residuals, cotangents):
+    x_hat, centred, inv, scale = residuals
+    dy, d_mean, d_var = cotangents
+    n = dy.size // dy.shape[-1]
+    d_bias = dy.sum((0, 1, 2))
+    d_scale = (dy * x_hat).sum((0, 1, 2))
+    dx = ((scale * inv / n) * (n * dy - d_bias - x_hat * d_scale)
+          + (d_mean + 2 * centred * d_var) / n)
+    return dx, d_scale, d_bias
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 class BatchNorm(nnx.Module):
     """PyTorch's BatchNorm2d over the channel (last) axis.
 
-        train: y = (x - mu_B) / sqrt(var_B + eps) * scale + bias, var_B the biased batch var
-               mean <- (1 - m) mean + m mu_B;  var <- (1 - m) var + m var_B * n / (n - 1)
+        train: y = batch_norm(x); mean <- (1 - m) mean + m mu_B;
+               var <- (1 - m) var + m var_B * n / (n - 1)
         eval:  y = (x - mean) / sqrt(var + eps) * scale + bias
 
     m = 0.1 in PyTorch's convention (Flax's momentum 0.9 weights the other side, and Flax
@@ -61,16 +101,15 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            mean = x.mean((0, 1, 2))
-            var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
-            n = x.size // x.shape[-1]
-            m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * n / (n - 1)
-            self.count[...] = self.count[...] + 1
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+            return ((x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps)
+                    * self.scale[...] + self.bias[...])
+        y, mean, var = batch_norm(x, self.scale[...], self.bias[...], self.eps)
+        n = x.size // x.shape[-1]
+        m = self.momentum
+        self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+        self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * n / (n - 1)
+        self.count[...] = self.count[...] + 1
+        return y
 
 
 def _strided_conv(u: jax.Array, w: jax.Array) -> jax.Array:
