@@ -21,6 +21,7 @@ from vqvae_torch.train import TorchTwin, to_numpy, to_tensor
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"mnist": ModelConfig(in_channels=1, hidden=16, num_codes=32),
          "cifar10": ModelConfig(in_channels=3, hidden=16, num_codes=32)}
+TINY = ModelConfig(in_channels=1, hidden=8, num_codes=16)
 SIZE = {1: 28, 3: 32}
 
 
@@ -111,9 +112,6 @@ def _convert_cli(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-TINY = ModelConfig(in_channels=1, hidden=8, num_codes=16)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(trained TorchTwin, its checkpoint.pt at step 5, that file converted by the CLI)."""
@@ -147,6 +145,18 @@ def test_cli_round_trip_is_bit_identical(tmp_path, converted):
         TorchTwin(TINY, TrainConfig(device="cpu")).load(str(back))
 
 
+def test_converted_checkpoint_evaluates_like_torch(converted):
+    twin, _, flax_dir = converted
+    flax_twin = JaxTwin.from_checkpoint(str(flax_dir), device="cpu")
+    assert flax_twin.config == TINY
+    x = _batch(TINY, n=3, seed=20)
+    recon, indices, losses = flax_twin.evaluate(x)
+    recon_ref, indices_ref, losses_ref = twin.evaluate(x)
+    np.testing.assert_array_equal(indices, indices_ref)
+    assert np.abs(recon - recon_ref).max() <= 1e-4 * np.abs(recon_ref).max()
+    assert losses["loss"] == pytest.approx(losses_ref["loss"], rel=1e-4)
+
+
 def test_cli_write_failure_exits_2_with_one_line(tmp_path, converted):
     _, _, flax_dir = converted
     (tmp_path / "file").write_text("a file, not a directory")
@@ -164,6 +174,9 @@ def _bad_inputs(tmp_path):
     odd = tmp_path / "odd.pt"
     torch.save({"framework": "torch", "model_config": {"hidden": 8, "colour": "red"},
                 "step": 1, "model": {}}, odd)
+    odd_dir = str(tmp_path / "odd")
+    jax_checkpoint.save(odd_dir, 1, nnx.state(VQVAE(TINY, rngs=nnx.Rngs(0))), {
+        "framework": "jax", "model_config": {"hidden": 8, "colour": "red"}, "step": 1})
     empty = tmp_path / "empty"
     empty.mkdir()
     return {
@@ -175,13 +188,15 @@ def _bad_inputs(tmp_path):
         "jax: nonexistent dir": ["--from-jax", str(tmp_path / "nope")],
         "jax: garbage file": ["--from-jax", str(garbage)],
         "jax: empty dir": ["--from-jax", str(empty)],
+        "jax: an unknown model config": ["--from-jax", odd_dir],
     }
 
 
 @pytest.mark.parametrize("case", ["torch: nonexistent file", "torch: garbage file",
                                   "torch: a directory", "torch: a foreign checkpoint",
                                   "torch: an unknown model config", "jax: nonexistent dir",
-                                  "jax: garbage file", "jax: empty dir"])
+                                  "jax: garbage file", "jax: empty dir",
+                                  "jax: an unknown model config"])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     source = tmp_path / "in"
     source.mkdir()

@@ -8,6 +8,8 @@ import dataclasses
 import json
 from typing import Any
 
+from vqvae_common.errors import UserError
+
 DATASETS = ("mnist", "cifar10")
 
 
@@ -44,6 +46,14 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+def model_config(raw: Any) -> ModelConfig:
+    """The ModelConfig a checkpoint recorded; a UserError if it is not one of this project's."""
+    try:
+        return ModelConfig(**raw)
+    except TypeError as e:
+        raise UserError(f"the checkpoint records an unknown model config {raw!r}") from e
 
 
 def to_json(model: ModelConfig, train: TrainConfig) -> str:

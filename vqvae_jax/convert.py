@@ -20,14 +20,13 @@ bit-identical tensors.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
 
-from vqvae_common.cli import one_line
+from vqvae_common.cli import UserErrorParser, one_line
 from vqvae_common.errors import UserError
 from vqvae_jax.model import VQVAE, BatchNorm, ConvTranspose, VectorQuantizer
 
@@ -81,12 +80,12 @@ def _convert(argv: list[str] | None) -> None:
 
     import torch
 
-    from vqvae_common.config import ModelConfig
+    from vqvae_common.config import model_config
     from vqvae_jax import checkpoint as jax_checkpoint
     from vqvae_jax.train import create
     from vqvae_torch import checkpoint as torch_checkpoint
 
-    parser = argparse.ArgumentParser(prog="python -m vqvae_jax.convert",
+    parser = UserErrorParser(prog="python -m vqvae_jax.convert",
                                      description="Convert VQ-VAE checkpoints between the twins "
                                                  "(model weights and BatchNorm statistics).")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -97,20 +96,20 @@ def _convert(argv: list[str] | None) -> None:
 
     if args.from_torch:
         payload = torch_checkpoint.load(args.from_torch, torch.device("cpu"))
-        config = ModelConfig(**payload["model_config"])
+        config = model_config(payload["model_config"])
         model, optimizer = create(config, lr=1e-3, seed=0)
         torch_to_flax({k: v.numpy() for k, v in payload["model"].items()}, model)
         jax_checkpoint.save(args.out, payload["step"], nnx.state((model, optimizer)), {
             "framework": "jax", "model_config": dataclasses.asdict(config),
             "step": payload["step"], "weights_only": True})
     else:
-        config = ModelConfig(**jax_checkpoint.read_meta(args.from_jax)["model_config"])
+        config = model_config(jax_checkpoint.read_meta(args.from_jax)["model_config"])
         model, optimizer = create(config, lr=1e-3, seed=0)
         state, meta = jax_checkpoint.load(args.from_jax, config, nnx.state((model, optimizer)))
         nnx.update((model, optimizer), state)
         torch_checkpoint.save(args.out, {
             "framework": "torch", "model_config": dataclasses.asdict(config), "step": meta["step"],
-            "model": {k: torch.from_numpy(v) for k, v in flax_to_torch(model).items()}})
+            "model": {k: torch.tensor(v) for k, v in flax_to_torch(model).items()}})
     print(f"wrote {args.out}")
 
 

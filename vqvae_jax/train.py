@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.config import ModelConfig, TrainConfig, model_config
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint
 from vqvae_jax.model import VQVAE
@@ -87,7 +87,7 @@ class JaxTwin:
     def from_checkpoint(cls, path: str, device: str = "auto") -> "JaxTwin":
         """The model saved in `path` (any Flax checkpoint of this project, converted ones
         included), ready to evaluate."""
-        config = ModelConfig(**checkpoint.read_meta(path)["model_config"])
+        config = model_config(checkpoint.read_meta(path)["model_config"])
         twin = cls(config, TrainConfig(device=device))
         twin.state, _ = checkpoint.load(path, config, twin.state)
         return twin

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.config import ModelConfig, TrainConfig, model_config
 from vqvae_common.errors import UserError
 from vqvae_torch import checkpoint
 from vqvae_torch.model import VQVAE
@@ -54,7 +54,7 @@ class TorchTwin:
         """The model saved in `path` (any PyTorch checkpoint of this project, converted ones
         included), ready to evaluate."""
         payload = checkpoint.load(path, select_device(device))
-        twin = cls(ModelConfig(**payload["model_config"]), TrainConfig(device=device))
+        twin = cls(model_config(payload["model_config"]), TrainConfig(device=device))
         twin.model.load_state_dict(payload["model"])
         return twin
 
