@@ -112,9 +112,47 @@ class BatchNorm(nnx.Module):
         return y
 
 
-def _strided_conv(u: jax.Array, w: jax.Array) -> jax.Array:
-    """Conv 4x4, stride 2, padding 1 (NHWC, HWIO)."""
-    return jax.lax.conv_general_dilated(u, w, (2, 2), PAD1, dimension_numbers=NHWC)
+def _xla_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _space_to_depth_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Conv 4x4/2 pad 1 as a 2x2 stride-1 conv over 2x2 pixel blocks: output m takes padded
+    rows 2m + p, p = 2a + r, i.e. block m + a, row r within it. Exact, and its input
+    gradient (not its forward or kernel gradient) is the fastest on XLA's CPU backend."""
+    b, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    blocks = xp.reshape(b, h // 2 + 1, 2, wd // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    k = w.reshape(2, 2, 2, 2, c, w.shape[-1]).transpose(0, 2, 1, 3, 4, 5)  # (a, b, r, s, C, O)
+    return jax.lax.conv_general_dilated(blocks.reshape(b, h // 2 + 1, wd // 2 + 1, 4 * c),
+                                        k.reshape(2, 2, 4 * c, w.shape[-1]), (1, 1), "VALID",
+                                        dimension_numbers=NHWC)
+
+
+def _strided_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+    """C^T y for C(x) = conv4x4/2(x, w): the strided conv's input gradient."""
+    (x,) = jax.linear_transpose(lambda u: _space_to_depth_conv(u, w),
+                                jax.ShapeDtypeStruct(x_shape, y.dtype))(y)
+    return x
+
+
+def _strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
+    _, kernel_vjp = jax.vjp(lambda w: _xla_conv(x, w, (2, 2), PAD1), w)
+    return kernel_vjp(dy)[0]
+
+
+@jax.custom_vjp
+def strided_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Conv 4x4, stride 2, padding 1 (NHWC, HWIO). Its forward, input gradient and kernel
+    gradient each run on XLA's fastest CPU formulation of the same linear map (measured by
+    bench/conv_transpose.py): XLA's strided conv, the space-to-depth conv's transpose, and
+    XLA's strided kernel gradient."""
+    return _xla_conv(x, w, (2, 2), PAD1)
+
+
+strided_conv.defvjp(lambda x, w: (strided_conv(x, w), (x, w)),
+                    lambda res, dy: (_strided_conv_transpose(res[1], dy, res[0].shape),
+                                     _strided_conv_kernel_grad(res[0], dy, res[1])))
 
 
 @jax.custom_vjp
@@ -123,35 +161,44 @@ def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     x (B, H, W, I), kernel (4, 4, I, O) with kernel[p, q, i, o] = torch_weight[i, o, p, q],
     result (B, 2H, 2W, O). A transposed convolution is the adjoint of the strided convolution
-    C(u) = conv(u, W) from O to I channels, W[p, q, o, i] = kernel[p, q, i, o]:
+    C(u) = conv4x4/2(u, W) from O to I channels, W[p, q, o, i] = kernel[p, q, i, o]:
 
-        y      = C^T x                       (the strided conv's input-gradient)
-        dL/dx  = C dy                        (a strided conv)
-        dL/dW  = kernel-gradient of C at input dy and output cotangent x
+        y      = C^T x                       (the strided conv's input gradient)
+        dL/dx  = C dy                        (the strided conv)
+        dL/dW  = kernel gradient of C at input dy and output cotangent x
 
-    Written with a custom VJP so that all three are the strided convolution's own fast
-    kernels: left to autodiff, XLA's CPU backend computes the kernel gradient of a transposed
-    (lhs-dilated) convolution 10-100x slower (bench/conv_transpose.py).
+    so it reuses strided_conv's three fast pieces. Left to autodiff, XLA's CPU backend
+    computes the kernel gradient of a transposed (lhs-dilated) convolution 10-60x slower.
     """
     b, h, w, _ = x.shape
-    out = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[-1]), x.dtype)
-    (y,) = jax.linear_transpose(lambda u: _strided_conv(u, kernel.transpose(0, 1, 3, 2)), out)(x)
-    return y
-
-
-def _conv_transpose_fwd(x: jax.Array, kernel: jax.Array):
-    return conv_transpose(x, kernel), (x, kernel)
+    return _strided_conv_transpose(kernel.transpose(0, 1, 3, 2), x,
+                                   (b, 2 * h, 2 * w, kernel.shape[-1]))
 
 
 def _conv_transpose_bwd(residuals, dy: jax.Array):
     x, kernel = residuals
     w = kernel.transpose(0, 1, 3, 2)
-    _, kernel_vjp = jax.vjp(lambda w: _strided_conv(dy, w), w)
-    (dw,) = kernel_vjp(x)
-    return _strided_conv(dy, w), dw.transpose(0, 1, 3, 2)
+    return _xla_conv(dy, w, (2, 2), PAD1), _strided_conv_kernel_grad(dy, x, w).transpose(0, 1, 3, 2)
 
 
-conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+conv_transpose.defvjp(lambda x, kernel: (conv_transpose(x, kernel), (x, kernel)),
+                      _conv_transpose_bwd)
+
+
+def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **kwargs
+                         ) -> jax.Array:
+    """nnx.Conv's convolution, with the model's two costly shapes on faster formulations:
+    a 1x1 conv is a matmul, a 4x4 stride-2 pad-1 conv is strided_conv."""
+    plain = (kwargs.get("lhs_dilation") in (None, 1, (1, 1))
+             and kwargs.get("rhs_dilation") in (None, 1, (1, 1))
+             and kwargs.get("feature_group_count", 1) == 1)
+    padding = tuple(map(tuple, padding))
+    if plain and w.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) \
+            and padding == ((0, 0), (0, 0)):
+        return x @ w[0, 0]
+    if plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1:
+        return strided_conv(x, w)
+    return jax.lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
 
 
 class ConvTranspose(nnx.Module):
@@ -169,7 +216,8 @@ def conv(in_features: int, out_features: int, kernel: int, stride: int, padding:
          rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(in_features, out_features, (kernel, kernel), (stride, stride),
                     padding=((padding, padding), (padding, padding)),
-                    kernel_init=xavier_normal, rngs=rngs)
+                    kernel_init=xavier_normal, conv_general_dilated=conv_general_dilated,
+                    rngs=rngs)
 
 
 class ResidualBlock(nnx.Module):
