@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -106,3 +107,15 @@ def test_interpolation_gif_walks_forward_and_back(tmp_path):
         gif.seek(i)
         shades.append(gif.convert("L").getpixel((0, 0)))
     assert shades == [0, 64, 191, 255, 191, 64]
+
+
+def test_loss_curves_plots_a_metrics_file(tmp_path):
+    records = [{"split": "train", "step": s, "loss": 1 / s, "recon": 0.5 / s,
+                "codebook": 0.2 / s, "commitment": 0.2 / s} for s in range(1, 20)]
+    records += [{"split": "test", "step": s, "psnr": 20.0 + s} for s in (10, 19)]
+    metrics_path = tmp_path / "metrics.jsonl"
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    images.loss_curves(str(metrics_path), str(tmp_path / "curves.png"))
+    with Image.open(tmp_path / "curves.png") as picture:
+        assert picture.size == (1000, 360)
+        assert len(set(picture.convert("L").getdata())) > 10  # something was drawn

@@ -1,5 +1,8 @@
-"""Pictures of what the model does: a target|reconstruction grid and a latent-walk GIF."""
+"""Pictures of what the model does: a target|reconstruction grid, a latent-walk GIF, and
+the loss curves of a run."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 from PIL import Image
@@ -44,3 +47,26 @@ def interpolation_gif(frames: np.ndarray, path: str, scale: int = 4,
     pics = [_pil(f, scale) for f in to_uint8(frames)]
     pics = pics + pics[-2:0:-1]
     pics[0].save(path, save_all=True, append_images=pics[1:], duration=frame_ms, loop=0)
+
+
+def loss_curves(metrics_path: str, path: str) -> None:
+    """PNG of a run's metrics.jsonl: the train loss terms (log scale) and the test PSNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    fig, (losses, quality) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for term in ("loss", "recon", "codebook", "commitment"):
+        losses.plot([r["step"] for r in train], [r[term] for r in train], label=term)
+    losses.set(yscale="log", xlabel="step", title="train loss terms")
+    losses.legend()
+    quality.plot([r["step"] for r in test], [r["psnr"] for r in test], "o-")
+    quality.set(xlabel="step", ylabel="dB", title="test PSNR")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

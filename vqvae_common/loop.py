@@ -3,7 +3,7 @@
 Bookkeeping done here, once: output directory, resume, the seeded data order, logging
 cadence, images/s, the NaN guard, checkpoint cadence, evaluation on the test split and the
 artifacts (config.json, metrics.jsonl, TensorBoard events, reconstruction.png,
-interpolation.gif).
+interpolation.gif, loss_curves.png).
 """
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
     z = twin.encode(targets[:2])
     frames = twin.decode(images.interpolation_latents(z[0], z[1], INTERPOLATION_FRAMES))
     images.interpolation_gif(frames, os.path.join(out, "interpolation.gif"))
+    images.loss_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curves.png"))
 
 
 def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
