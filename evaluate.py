@@ -8,7 +8,6 @@ Prints and writes (--json) mse (on [-1, 1]), psnr (dB, on [0, 255]), ssim, perpl
 the whole split), codes_used (fraction of the K codes) and images_per_s. Given the same
 weights, both frameworks' checkpoints give the same numbers.
 """
-import argparse
 import json
 import os
 import sys
@@ -61,12 +60,7 @@ def run(args) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse(argv))
-    except UserError as e:
-        print(f"error: {cli.one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.report_errors(lambda: run(parse(argv)))
 
 
 if __name__ == "__main__":

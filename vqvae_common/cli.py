@@ -84,12 +84,10 @@ def one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
-         argv: Sequence[str] | None = None) -> int:
-    """Parse, run `fit`, and report a user error as one line instead of a traceback."""
+def report_errors(run: Callable[[], object]) -> int:
+    """Call `run`: a UserError becomes one line on stderr and exit status 2, Ctrl-C status 130."""
     try:
-        model, train = parse(framework, argv)
-        fit(model, train)
+        run()
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -98,3 +96,9 @@ def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], objec
               file=sys.stderr)
         return 130
     return 0
+
+
+def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
+         argv: Sequence[str] | None = None) -> int:
+    """A trainer's entry point: parse the flags, then `fit`, reporting user errors."""
+    return report_errors(lambda: fit(*parse(framework, argv)))

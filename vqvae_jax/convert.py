@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from vqvae_common.cli import UserErrorParser, one_line
+from vqvae_common.cli import UserErrorParser, report_errors
 from vqvae_common.errors import UserError
 from vqvae_jax.model import VQVAE, BatchNorm, ConvTranspose, VectorQuantizer
 
@@ -114,12 +114,7 @@ def _convert(argv: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _convert(argv)
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors(lambda: _convert(argv))
 
 
 if __name__ == "__main__":
