@@ -42,7 +42,7 @@ def test_fifty_adam_steps_match(preset, batch, dtype, device, check, measure):
         t_history = train_torch(pair.torch, batches, LR, pair.torch_device)
         f_w = flax_state(flax_model)
     for history in (t_history, f_history):
-        assert history[-1]["recon"] < 0.5 * history[0]["recon"], "a twin did not learn"
+        assert history[-1]["recon"] < 0.75 * history[0]["recon"], "a twin did not learn"
     exact = dtype == "float64"
     for f, t in zip(f_history, t_history):
         for term in t:

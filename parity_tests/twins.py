@@ -19,6 +19,7 @@ from vqvae_jax import convert
 from vqvae_jax import model as jax_model
 from vqvae_jax import train as jax_train
 from vqvae_torch import model as torch_model
+from vqvae_torch import train as torch_train
 from vqvae_torch.train import to_numpy, to_tensor
 
 
@@ -131,15 +132,11 @@ def torch_state_params(model: jax_model.VQVAE) -> list[str]:
 
 def train_torch(model: torch_model.VQVAE, batches: list[np.ndarray], lr: float,
                 device: torch.device) -> list[dict[str, float]]:
-    """Adam steps in place on `model`; each step's loss terms."""
-    model.train()
+    """vqvae_torch.train's step, in place on `model`; each step's loss terms."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     for batch in batches:
-        losses = model(to_tensor(batch, device)).losses
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        losses = torch_train.train_step(model, optimizer, to_tensor(batch, device))
         history.append({k: v.item() for k, v in losses.items()})
     return history
 

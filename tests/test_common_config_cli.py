@@ -28,8 +28,9 @@ def test_cifar10_preset():
 
 
 def test_model_overrides():
-    model, _ = cli.parse("torch", ["--beta", "0.25", "--hidden", "64", "--num-codes", "32"])
-    assert dataclasses.astuple(model) == (1, 64, 32, 0.25)
+    model, _ = cli.parse("torch", ["--beta", "0.25", "--hidden", "64", "--num-codes", "32",
+                                   "--restart-below", "0"])
+    assert dataclasses.astuple(model) == (1, 64, 32, 0.25, 0.0, 0.99)
 
 
 def test_train_flags_reach_the_config():
@@ -42,6 +43,7 @@ def test_train_flags_reach_the_config():
 @pytest.mark.parametrize("argv", [
     ["--dataset", "nope"], ["--batch-size", "0"], ["--batch-size", "-3"], ["--lr", "nan"],
     ["--lr", "5"], ["--lr", "inf"], ["--frobnicate"], ["--epochs", "two"], ["--beta", "-1"],
+    ["--restart-below", "-0.1"], ["--restart-below", "2"],
 ])
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):

@@ -34,9 +34,11 @@ def _z_e(vectors, h=1):
 
 
 def _functional(vq):
-    """(f, params): f(params, z_e) -> Quantized, a pure function of the codebook and z_e."""
-    graphdef, params = nnx.split(vq)
-    return (lambda p, z: nnx.merge(graphdef, p)(z)), params
+    """(f, params): f(params, z_e) -> Quantized, a pure function of the codebook and z_e
+    (in eval mode, which leaves the usage statistics as they are)."""
+    vq.eval()
+    graphdef, params, usage = nnx.split(vq, nnx.Param, ...)
+    return (lambda p, z: nnx.merge(graphdef, p, usage)(z)), params
 
 
 def _codebook_of(state):
@@ -97,6 +99,40 @@ def test_codebook_term_trains_only_the_codebook():
     np.add.at(expected, idx, 2 * (codebook[idx] - z) / z.size)
     assert len(set(idx)) > 1
     np.testing.assert_allclose(_codebook_of(codebook_grad), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_usage_is_a_moving_average_of_code_shares_in_train_mode_only():
+    vq = VectorQuantizer(3, 2, usage_decay=0.9, rngs=nnx.Rngs(0))
+    vq.codebook[...] = jnp.asarray(CODEBOOK)
+    vq.train()
+    vq(_z_e(Z))  # indices [1, 2]: shares [0, 1/2, 1/2]
+    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0, 0.05, 0.05], rtol=1e-6)
+    vq(_z_e([Z[0], Z[0]]))  # indices [1, 1]
+    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0, 0.045 + 0.1, 0.045], rtol=1e-6)
+    vq.eval()
+    vq(_z_e(Z))
+    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0, 0.145, 0.045], rtol=1e-6)
+
+
+def test_dead_codes_restart_on_evenly_spaced_batch_vectors():
+    vq = VectorQuantizer(4, 2, restart_below=0.01, rngs=nnx.Rngs(0))
+    codebook = np.asarray(vq.codebook[...])
+    vq.usage[...] = jnp.asarray([0.5, 0.0, 0.5, 0.002])  # dead below 0.01 / 4: 1 and 3
+    z = np.arange(12, dtype=np.float32).reshape(6, 2)
+    vq.restart_dead_codes(_z_e(z, h=2))
+    # M = 2 dead codes, N = 6 vectors: rank 0 -> vector 0, rank 1 -> vector floor(6 / 2) = 3
+    expected = codebook.copy()
+    expected[[1, 3]] = z[[0, 3]]
+    np.testing.assert_array_equal(np.asarray(vq.codebook[...]), expected)
+    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0.5, 0.25, 0.5, 0.25])
+
+
+def test_restart_below_zero_never_restarts():
+    vq = VectorQuantizer(4, 2, restart_below=0.0, rngs=nnx.Rngs(0))
+    codebook = np.asarray(vq.codebook[...])
+    vq.restart_dead_codes(_z_e(np.ones((6, 2), np.float32), h=2))
+    np.testing.assert_array_equal(np.asarray(vq.codebook[...]), codebook)
+    assert not np.asarray(vq.usage[...]).any()
 
 
 def test_losses_match_numpy():
@@ -284,6 +320,7 @@ def test_conv_transpose_module_matches_torch():
 
 def test_quantizer_distances_use_highest_precision():
     vq = _quantizer(CODEBOOK)
+    vq.eval()  # a closure may not update the usage statistics under make_jaxpr
     jaxpr = jax.make_jaxpr(lambda z: vq(z).indices)(_z_e(Z)).jaxpr
     dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
     assert len(dots) == 1, jaxpr

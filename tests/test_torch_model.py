@@ -86,6 +86,39 @@ def test_codebook_term_trains_only_the_codebook():
     np.testing.assert_allclose(vq.codebook.grad.numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_usage_is_a_moving_average_of_code_shares_in_train_mode_only():
+    vq = VectorQuantizer(3, 2, usage_decay=0.9)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor(CODEBOOK))
+    vq.train()(_z_e(Z))  # indices [1, 2]: shares [0, 1/2, 1/2]
+    np.testing.assert_allclose(vq.usage.numpy(), [0, 0.05, 0.05], rtol=1e-6)
+    vq.train()(_z_e([Z[0], Z[0]]))  # indices [1, 1]
+    np.testing.assert_allclose(vq.usage.numpy(), [0, 0.045 + 0.1, 0.045], rtol=1e-6)
+    vq.eval()(_z_e(Z))
+    np.testing.assert_allclose(vq.usage.numpy(), [0, 0.145, 0.045], rtol=1e-6)
+
+
+def test_dead_codes_restart_on_evenly_spaced_batch_vectors():
+    vq = VectorQuantizer(4, 2, restart_below=0.01)
+    codebook = vq.codebook.detach().clone()
+    with torch.no_grad():
+        vq.usage.copy_(torch.tensor([0.5, 0.0, 0.5, 0.002]))  # dead below 0.01 / 4: 1 and 3
+    z = np.arange(12, dtype=np.float32).reshape(6, 2)
+    vq.restart_dead_codes(_z_e(z, h=2))
+    # M = 2 dead codes, N = 6 vectors: rank 0 -> vector 0, rank 1 -> vector floor(6 / 2) = 3
+    expected = codebook.numpy().copy()
+    expected[[1, 3]] = z[[0, 3]]
+    np.testing.assert_array_equal(vq.codebook.detach().numpy(), expected)
+    np.testing.assert_allclose(vq.usage.numpy(), [0.5, 0.25, 0.5, 0.25])
+
+
+def test_restart_below_zero_never_restarts():
+    vq = VectorQuantizer(4, 2, restart_below=0.0)
+    codebook = vq.codebook.detach().clone()
+    vq.restart_dead_codes(_z_e(np.ones((6, 2), np.float32), h=2))
+    assert torch.equal(vq.codebook.detach(), codebook) and not vq.usage.any()
+
+
 def test_losses_match_numpy():
     torch.manual_seed(0)
     model = VQVAE(ModelConfig(in_channels=1, hidden=8, num_codes=16, beta=0.25)).train()

@@ -44,6 +44,10 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--num-codes", type=int, default=None, help="codebook size K (default 512)")
     p.add_argument("--hidden", type=int, default=None,
                    help="hidden and embedding width D (default: the preset's)")
+    p.add_argument("--restart-below", type=float, default=None,
+                   help="restart a code onto an encoder output of the batch when its moving-"
+                        "average share of the vectors falls below this fraction of the "
+                        "uniform share 1/K (default 0.01); 0 never restarts, as in the paper")
     p.add_argument("--seed", type=int, default=_DEFAULT.seed)
     p.add_argument("--out", default=_DEFAULT.out, help="output directory")
     p.add_argument("--device", default=_DEFAULT.device,
@@ -60,6 +64,7 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
 _BOUNDS = {  # flag: (low, high), inclusive; an absurd value is as wrong as a negative one
     "epochs": (1, 100_000), "max_steps": (1, 10**9), "batch_size": (1, 65_536),
     "eval_batch_size": (1, 65_536), "lr": (1e-8, 1.0), "beta": (0.0, 100.0),
+    "restart_below": (0.0, 1.0),
     "num_codes": (1, 1 << 20), "hidden": (1, 4096), "seed": (0, 2**32 - 1),
     "log_every": (1, 10**9), "checkpoint_every": (1, 10**9),
 }
@@ -74,7 +79,7 @@ def parse(framework: str, argv: Sequence[str] | None = None
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {value} is out of range: expected {low} to {high}")
     preset = cfg.PRESETS[args["dataset"]]
-    overrides = {k: args.pop(k) for k in ("hidden", "num_codes", "beta")}
+    overrides = {k: args.pop(k) for k in ("hidden", "num_codes", "beta", "restart_below")}
     model = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     return model, cfg.TrainConfig(**args)
 

@@ -15,12 +15,20 @@ DATASETS = ("mnist", "cifar10")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta."""
+    """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta, and
+    when the quantizer restarts a dead code (see VectorQuantizer.restart_dead_codes).
+
+    restart_below: a code is dead when its moving-average share of the encoder vectors falls
+        below restart_below / K (1/K is the uniform share); 0 never restarts (the paper).
+    usage_decay: the decay of that moving average, one update per training step.
+    """
 
     in_channels: int = 1
     hidden: int = 128
     num_codes: int = 512
     beta: float = 1.0
+    restart_below: float = 0.01
+    usage_decay: float = 0.99
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ layouts differ, in this one table:
     BatchNorm       weight, bias                       scale, bias
                     running_mean, running_var          mean, var
                     num_batches_tracked (int64)        count (int32)
-    VectorQuant.    codebook (K, D)                    codebook (K, D)
+    VectorQuant.    codebook (K, D), usage (K,)        codebook (K, D), usage (K,)
 
 Every change is a transpose or an exact integer cast, so torch -> flax -> torch returns
 bit-identical tensors.
@@ -37,7 +37,7 @@ _LEAVES: dict[type, list[tuple[str, str, tuple[int, ...] | None, str | None]]] =
     BatchNorm: [("weight", "scale", None, None), ("bias", "bias", None, None),
                 ("running_mean", "mean", None, None), ("running_var", "var", None, None),
                 ("num_batches_tracked", "count", None, "int64")],
-    VectorQuantizer: [("codebook", "codebook", None, None)],
+    VectorQuantizer: [("codebook", "codebook", None, None), ("usage", "usage", None, None)],
 }
 
 

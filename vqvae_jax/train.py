@@ -40,16 +40,18 @@ def create(model_cfg: ModelConfig, lr: float, seed: int) -> tuple[VQVAE, nnx.Opt
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array
                ) -> tuple[nnx.State, dict[str, jax.Array]]:
-    """One Adam step on `batch` in train mode (batch statistics, running stats updated)."""
+    """One Adam step on `batch` in train mode (batch statistics; running stats and code usage
+    updated), then the dead codes restarted from this batch's encoder outputs."""
     model, optimizer = nnx.merge(graphdef, state)
 
     def loss_fn(model: VQVAE):
-        losses = model(batch).losses
-        return losses["loss"], losses
+        out = model(batch)
+        return out.losses["loss"], out
 
-    grads, losses = nnx.grad(loss_fn, has_aux=True)(model)
+    grads, out = nnx.grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), losses
+    model.quantizer.restart_dead_codes(out.z_e)
+    return nnx.state((model, optimizer)), out.losses
 
 
 def eval_forward(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array):

@@ -36,6 +36,19 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, batch: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """One Adam step on `batch` in train mode (batch statistics; running stats and code usage
+    updated), then the dead codes restarted from this batch's encoder outputs."""
+    model.train()
+    out = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    out.losses["loss"].backward()
+    optimizer.step()
+    model.quantizer.restart_dead_codes(out.z_e.detach())
+    return {k: v.detach() for k, v in out.losses.items()}
+
+
 class TorchTwin:
     checkpoint_name = "checkpoint.pt"
 
@@ -59,12 +72,7 @@ class TorchTwin:
         return twin
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
-        self.model.train()
-        losses = self.model(to_tensor(batch, self.device)).losses
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.optimizer.step()
-        return {k: v.detach() for k, v in losses.items()}
+        return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
 
     def fetch(self, step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         return {k: v.item() for k, v in step_metrics.items()}
