@@ -11,6 +11,7 @@ import torch
 from flax import nnx
 
 from vqvae_common.config import PRESETS, ModelConfig
+from vqvae_jax import model as jax_model
 from vqvae_jax.model import (VQVAE, BatchNorm, ConvTranspose, ResidualBlock, VectorQuantizer,
                              conv_transpose)
 
@@ -65,6 +66,16 @@ def test_random_latents_map_to_the_nearest_code():
     nearest = ((z[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
     np.testing.assert_array_equal(np.asarray(q.indices).flatten(), nearest)
     np.testing.assert_allclose(np.asarray(q.z_q).reshape(-1, 4), codebook[nearest], atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [37 * 64, 37 * 7, 10])  # several blocks, a ragged last one
+def test_distances_in_blocks_pick_the_same_codes(block, monkeypatch):
+    monkeypatch.setattr(jax_model, "DISTANCE_BLOCK", block)
+    rng = np.random.default_rng(2)
+    flat = rng.normal(size=(1000, 8)).astype(np.float32)
+    codebook = rng.normal(size=(37, 8)).astype(np.float32)
+    nearest = ((flat[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(np.asarray(jax_model.nearest_codes(jnp.asarray(flat), jnp.asarray(codebook))), nearest)
 
 
 def test_straight_through_gradient_is_the_identity():

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vqvae_common.config import PRESETS, ModelConfig
+from vqvae_torch import model as torch_model
 from vqvae_torch.model import VQVAE, ResidualBlock, VectorQuantizer
 
 CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
@@ -49,6 +50,16 @@ def test_random_latents_map_to_the_nearest_code():
     np.testing.assert_array_equal(q.indices.flatten().numpy(), nearest)
     np.testing.assert_allclose(q.z_q.permute(0, 2, 3, 1).reshape(-1, 4).numpy(),
                                codebook[nearest], atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [37 * 64, 37 * 7, 10])  # several blocks, a ragged last one
+def test_distances_in_blocks_pick_the_same_codes(block, monkeypatch):
+    monkeypatch.setattr(torch_model, "DISTANCE_BLOCK", block)
+    rng = np.random.default_rng(2)
+    flat = rng.normal(size=(1000, 8)).astype(np.float32)
+    codebook = rng.normal(size=(37, 8)).astype(np.float32)
+    nearest = ((flat[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(torch_model.nearest_codes(torch.tensor(flat), torch.tensor(codebook)).numpy(), nearest)
 
 
 def test_straight_through_gradient_is_the_identity():

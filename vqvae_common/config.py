@@ -12,6 +12,10 @@ from vqvae_common.errors import UserError
 
 DATASETS = ("mnist", "cifar10")
 
+# The quantizer computes its (N, K) distances in blocks of at most this many entries (64 MiB
+# of float32), so that memory stays linear in N whatever N * K is.
+DISTANCE_BLOCK = 1 << 24
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vqvae_common.config import ModelConfig
+from vqvae_common.config import DISTANCE_BLOCK, ModelConfig
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 PAD1 = ((1, 1), (1, 1))
@@ -263,6 +263,27 @@ class Decoder(nnx.Module):
         return jnp.tanh(self.deconv2(h))
 
 
+def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
+    """argmin_k ||z_n - e_k||^2 for flat (N, D) and codebook (K, D): indices (N,).
+
+    The distances ||z||^2 - 2 z.e + ||e||^2 come from one matmul per block of rows, each
+    block at most DISTANCE_BLOCK entries (jax.lax.map runs the blocks one after another), so
+    memory grows as N * D, never as N * K.
+    """
+    codebook_sq = jnp.sum(codebook ** 2, 1)
+
+    def block_argmin(block: jax.Array) -> jax.Array:
+        products = jnp.matmul(block, codebook.T, precision=jax.lax.Precision.HIGHEST)
+        return jnp.argmin(codebook_sq - 2 * products + jnp.sum(block ** 2, 1, keepdims=True), 1)
+
+    rows = max(1, DISTANCE_BLOCK // len(codebook))
+    if len(flat) <= rows:
+        return block_argmin(flat)
+    blocks = -(-len(flat) // rows)
+    padded = jnp.pad(flat, ((0, blocks * rows - len(flat)), (0, 0)))
+    return jax.lax.map(block_argmin, padded.reshape(blocks, rows, -1)).reshape(-1)[:len(flat)]
+
+
 class Quantized(NamedTuple):
     z_q: jax.Array  # (B, h, w, D), straight-through: forward z_q, gradient to z_e
     indices: jax.Array  # (B, h, w) int32
@@ -275,7 +296,7 @@ class VectorQuantizer(nnx.Module):
 
     With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D):
 
-        d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), one matmul
+        d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), by matmul in blocks
         i[n]    = argmin_k d[n, k]                              (N,)
         z_q[n]  = e[i[n]]                                       (N, D)
         z_q_st  = z + sg[z_q - z]                               forward z_q, gradient to z
@@ -307,10 +328,7 @@ class VectorQuantizer(nnx.Module):
     def __call__(self, z: jax.Array) -> Quantized:
         e = self.codebook[...]
         flat = z.reshape(-1, z.shape[-1])
-        distances = (jnp.sum(flat ** 2, 1, keepdims=True)
-                     - 2 * jnp.matmul(flat, e.T, precision=jax.lax.Precision.HIGHEST)
-                     + jnp.sum(e ** 2, 1))
-        indices = jnp.argmin(distances, 1)
+        indices = nearest_codes(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(e))
         if not self.use_running_average:
             share = jnp.bincount(indices, length=len(e)) / len(indices)
             self.usage[...] = (self.usage_decay * self.usage[...]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqvae_common.config import ModelConfig
+from vqvae_common.config import DISTANCE_BLOCK, ModelConfig
 
 
 class ResidualBlock(nn.Module):
@@ -76,6 +76,20 @@ class Decoder(nn.Module):
         return torch.tanh(self.deconv2(h))
 
 
+def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """argmin_k ||z_n - e_k||^2 for flat (N, D) and codebook (K, D): indices (N,).
+
+    The distances ||z||^2 - 2 z.e + ||e||^2 come from one matmul per block of rows, each
+    block at most DISTANCE_BLOCK entries, so memory grows as N * D, never as N * K.
+    """
+    codebook_sq = codebook.pow(2).sum(1)
+    rows = max(1, DISTANCE_BLOCK // len(codebook))
+    return torch.cat([  # ||e||^2 - 2 z.e in one buffer, then ||z||^2 added in place
+        torch.addmm(codebook_sq, block, codebook.t(), alpha=-2)
+        .add_(block.pow(2).sum(1, keepdim=True)).argmin(1)
+        for block in flat.split(rows)])
+
+
 class Quantized(NamedTuple):
     z_q: torch.Tensor  # (B, D, h, w), straight-through: forward z_q, gradient to z_e
     indices: torch.Tensor  # (B, h, w) int64
@@ -88,7 +102,7 @@ class VectorQuantizer(nn.Module):
 
     With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D):
 
-        d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), one matmul
+        d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), by matmul in blocks
         i[n]    = argmin_k d[n, k]                              (N,)
         z_q[n]  = e[i[n]]                                       (N, D)
         z_q_st  = z + sg[z_q - z]                               forward z_q, gradient to z
@@ -119,9 +133,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z_e: torch.Tensor) -> Quantized:
         z = z_e.permute(0, 2, 3, 1)  # (B, h, w, D)
         flat = z.reshape(-1, z.shape[-1])
-        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t()
-                     + self.codebook.pow(2).sum(1))
-        indices = distances.argmin(1)
+        indices = nearest_codes(flat.detach(), self.codebook.detach())
         if self.training:
             with torch.no_grad():
                 share = torch.bincount(indices, minlength=len(self.codebook)) / len(indices)
