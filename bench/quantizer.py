@@ -7,7 +7,7 @@ Each (twin, N, K) runs in a fresh process, so that one case's memory cannot hide
     seconds   median over repeats of vqvae_torch.model.nearest_codes (eager) and of
               vqvae_jax.model.nearest_codes (jitted), after one warm-up call
     peak MiB  memory the search needs beyond its input and output:
-              torch: growth of the process's peak RSS over the first call (CPU), or
+              torch: growth of the process's peak RSS (VmHWM) over the first call (CPU), or
                      torch.cuda.max_memory_allocated over the call (CUDA)
               flax:  XLA's own plan for the compiled call (memory_analysis temp bytes)
 
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,9 +33,18 @@ QUICK = [(4_096, 512), (4_096, 8_192)]
 MIB = 1 << 20
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (its peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith(field + ":"))
+    return int(kib) * 1024
+
+
+def _reset_peak_rss() -> None:
+    """VmHWM := VmRSS (Linux >= 4.0), so the next peak is the call's own; getrusage's
+    ru_maxrss cannot serve, as it keeps the parent's peak across fork and exec."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _torch_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
@@ -61,9 +68,10 @@ def _torch_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
         call()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes()
+        _reset_peak_rss()
+        base = _status_bytes("VmRSS")
         call()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _status_bytes("VmHWM") - base
     return {"seconds": _median_seconds(call, repeats), "peak_bytes": float(peak)}
 
 

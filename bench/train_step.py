@@ -13,7 +13,8 @@ runs `--steps` optimizer steps and syncs once, as the trainers do between log po
 Each is timed on a fixed batch and again fed by the real input pipeline (vqvae_common.data
 .batches over an in-memory uint8 split of the dataset's size), so the pipeline's share of a
 step shows as a percentage. FLOPs per image come from torch's FlopCounterMode and from XLA's
-compiled cost analysis. Prints a table and writes JSON; a measurement, never a test.
+compiled cost analysis. Then the quantizer alone as K and N grow (bench/quantizer.py; skip it
+with --skip-quantizer). Prints tables and writes JSON; a measurement, never a test.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
+import quantizer  # bench/quantizer.py, beside this script
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per window")
     parser.add_argument("--windows", type=int, default=7, help="timed windows per variant")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--skip-quantizer", action="store_true",
+                        help="leave out the quantizer sweep (minutes on a CPU)")
     parser.add_argument("--quick", action="store_true", help="a smoke run under a minute")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -148,6 +152,8 @@ def main() -> None:
     ratio = per_step["flax_jit"] / per_step["torch_eager"]
     results["flax_over_torch_eager_step_time"] = ratio
     print(f"flax_jit step time / torch_eager step time = {ratio:.2f}")
+    if not args.skip_quantizer:
+        results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,0 +1,26 @@
+"""The benchmarks' CI smoke run: bench/train_step.py --quick runs end to end and writes every
+figure it promises. Never a timing: the values are only checked to be measured (finite,
+positive), not fast."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_bench_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"), "--quick",
+                    "--json", str(out)], check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())
+    assert set(results["variants"]) == {"torch_eager", "flax_jit"}
+    for row in results["variants"].values():
+        for key in ("ms_per_step", "images_per_s", "images_per_s_with_pipeline",
+                    "flops_per_image", "gflops_per_s", "first_step_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert math.isfinite(row["pipeline_overhead_pct"])
+    cases = {(c["twin"], c["n"], c["k"]) for c in results["quantizer"]}
+    assert cases == {(twin, 4096, k) for twin in ("torch", "flax") for k in (512, 8192)}
+    assert all(c["seconds"] > 0 and c["peak_bytes"] > 0 for c in results["quantizer"])
