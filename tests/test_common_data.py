@@ -1,3 +1,4 @@
+import os
 import time
 
 import numpy as np
@@ -97,6 +98,35 @@ def test_missing_data_via_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     with pytest.raises(UserError, match=str(tmp_path)):
         data.load("mnist", "test")
+
+
+def test_a_data_dir_that_is_a_file_is_a_user_error(tmp_path):
+    path = tmp_path / "not_a_dir"
+    path.write_text("")
+    with pytest.raises(UserError, match="not a directory"):
+        data.load("mnist", "test", str(path))
+
+
+def test_images_of_the_wrong_shape_are_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "_prepare", lambda *args: None)
+    rgb = [{"image": np.zeros((28, 28, 3), np.uint8)}] * 4
+    monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: rgb)
+    with pytest.raises(UserError, match=r"shape \(28, 28, 3\), expected \(28, 28, 1\)"):
+        data.load("mnist", "test", str(tmp_path))
+
+
+def test_a_damaged_record_file_is_a_user_error(real_data_dir, tmp_path):
+    """The real MNIST's metadata beside the first 100 kB of its test records."""
+    source = os.path.join(real_data_dir("mnist"), "mnist")
+    version = sorted(os.listdir(source))[-1]
+    target = tmp_path / "mnist" / version
+    target.mkdir(parents=True)
+    for name in os.listdir(os.path.join(source, version)):
+        with open(os.path.join(source, version, name), "rb") as f:
+            head = f.read() if name.endswith(".json") else f.read(100_000)
+        (target / name).write_bytes(head)
+    with pytest.raises(UserError, match="prepare it again"):
+        data.load("mnist", "test", str(tmp_path))
 
 
 def test_unknown_dataset_is_a_user_error():

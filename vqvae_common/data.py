@@ -36,6 +36,8 @@ def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     root = resolve_data_dir(data_dir)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"data directory {root} is not a directory")
     if os.path.isdir(root) and not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"data directory {root} is not readable")
     builder = tfds.builder(name, data_dir=root)
@@ -43,11 +45,13 @@ def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
         _prepare(builder, name, root)
     try:
         source = tfds.data_source(name, split=split, data_dir=root, download=False)
-    except (OSError, ValueError, NotImplementedError) as e:
-        raise UserError(f"cannot read {name}/{split} from {root}: {e}") from e
-    # One record at a time: tfds's mock data source breaks `__getitems__` (tfds 4.9.10).
-    images = np.stack([source[i]["image"] for i in tqdm(
-        range(len(source)), desc=f"decoding {name}/{split}", unit="img", leave=False)])
+        # One record at a time: tfds's mock data source breaks `__getitems__` (tfds 4.9.10).
+        with tqdm(range(len(source)), desc=f"decoding {name}/{split}", unit="img",
+                  leave=False) as progress:
+            images = np.stack([source[i]["image"] for i in progress])
+    except (OSError, RuntimeError, ValueError, NotImplementedError) as e:
+        raise UserError(f"cannot read {name}/{split} from {root} (is it damaged? prepare it "
+                        f"again): {e}") from e
     if images.shape[1:] != IMAGE_SHAPES[name]:
         raise UserError(f"{name}/{split} in {root} has images of shape {images.shape[1:]}, "
                         f"expected {IMAGE_SHAPES[name]}")
