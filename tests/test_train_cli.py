@@ -46,13 +46,23 @@ def test_unknown_dataset_exits_2_with_one_line(framework):
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_bad_data_leaves_no_output_behind(tmp_path, framework):
+    (tmp_path / "a_file").write_text("")
+    run = _train(framework, "--data-dir", str(tmp_path / "a_file"), "--out",
+                 str(tmp_path / "run"), timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].endswith("is not a directory")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_resume_into_an_empty_dir_exits_2(tmp_path, real_data_dir, framework):
     run = _train(framework, "--resume", "--out", str(tmp_path / "run"),
                  data_dir=real_data_dir("mnist"))
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "--resume" in run.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "run" / CHECKPOINT[framework]).exists()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -53,14 +53,14 @@ class Twin(Protocol):
         returns the step it was saved at."""
 
 
-def prepare_out_dir(out: str) -> str:
+def prepare_out_dir(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror}") from e
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output directory {out} is not writable")
-    return out
+
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -102,8 +102,10 @@ def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
 def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
         train_cfg: cfg.TrainConfig) -> dict[str, float]:
     """Train, evaluating each epoch; returns the last test-split metrics. `make_twin` is a
-    Twin class: its checkpoint_name is checked before any data is decoded."""
-    out = prepare_out_dir(train_cfg.out)
+    Twin class: its checkpoint_name is checked before any data is decoded. --out is created
+    only once the data, the device and any checkpoint to resume have passed, so that bad
+    input leaves nothing behind."""
+    out = train_cfg.out
     ckpt = os.path.join(out, make_twin.checkpoint_name)
     _check_resume(ckpt, train_cfg, out)
     train_images = data.load(train_cfg.dataset, "train", train_cfg.data_dir)
@@ -118,6 +120,7 @@ def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
 
     twin = make_twin(model_cfg, train_cfg)
     step = twin.load(ckpt) if train_cfg.resume else 0
+    prepare_out_dir(out)
     write_atomic(os.path.join(out, "config.json"), cfg.to_json(model_cfg, train_cfg))
 
     logbook = Logbook(out, resume_step=step if train_cfg.resume else None)
