@@ -1,20 +1,25 @@
 """Training throughput of both twins, measured in one run on the same model, batch and device.
 
     python bench/train_step.py [--dataset mnist|cifar10] [--device cpu|cuda|gpu]
-                               [--compile] [--quick] [--json OUT]
+                               [--compile] [--quantizer] [--quick] [--json OUT]
+
+(Run it as a script: it imports bench/quantizer.py from beside itself.)
 
 Variants, timed in interleaved windows (A, B, C, A, B, C, ...) after a warm-up; each window
 runs `--steps` optimizer steps and syncs once, as the trainers do between log points:
 
     torch_eager      vqvae_torch.train.TorchTwin.train_step
-    torch_compile    the same step under torch.compile (--compile; minutes to compile on CPU)
+    torch_compile    the same step with the model under torch.compile (--compile; minutes to
+                     compile on a CPU): forward and backward compiled, Adam and the code
+                     restart eager
     flax_jit         vqvae_jax.train.JaxTwin.train_step (one jitted call, buffers donated)
 
 Each is timed on a fixed batch and again fed by the real input pipeline (vqvae_common.data
 .batches over an in-memory uint8 split of the dataset's size), so the pipeline's share of a
 step shows as a percentage. FLOPs per image come from torch's FlopCounterMode and from XLA's
-compiled cost analysis. Then the quantizer alone as K and N grow (bench/quantizer.py; skip it
-with --skip-quantizer). Prints tables and writes JSON; a measurement, never a test.
+compiled cost analysis. With --quantizer, then the quantizer alone as K and N grow
+(bench/quantizer.py: about 20 minutes on a 2-core CPU, its two small cases with --quick).
+Prints tables and writes JSON; a measurement, never a test.
 """
 from __future__ import annotations
 
@@ -92,8 +97,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per window")
     parser.add_argument("--windows", type=int, default=7, help="timed windows per variant")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--skip-quantizer", action="store_true",
-                        help="leave out the quantizer sweep (minutes on a CPU)")
+    parser.add_argument("--quantizer", action="store_true",
+                        help="also sweep the quantizer alone over K and N (bench/quantizer.py)")
     parser.add_argument("--quick", action="store_true", help="a smoke run under a minute")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -152,7 +157,7 @@ def main() -> None:
     ratio = per_step["flax_jit"] / per_step["torch_eager"]
     results["flax_over_torch_eager_step_time"] = ratio
     print(f"flax_jit step time / torch_eager step time = {ratio:.2f}")
-    if not args.skip_quantizer:
+    if args.quantizer:
         results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:
         with open(args.json, "w") as f:

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from vqvae_torch.train import deterministic
+
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-torch.use_deterministic_algorithms(True)  # else PyTorch's CPU steps differ from run to run
+deterministic()  # else PyTorch's CPU steps differ from run to run
 
 _WORST: dict[str, dict[str, float]] = defaultdict(dict)
 

@@ -125,9 +125,10 @@ def flax_grads(model: jax_model.VQVAE, x: jax.Array) -> dict[str, np.ndarray]:
 
 
 def torch_state_params(model: jax_model.VQVAE) -> list[str]:
-    """PyTorch names of the trainable parameters (not the BatchNorm statistics)."""
-    stats = ("running_mean", "running_var", "num_batches_tracked")
-    return [k for k in convert.flax_to_torch(model) if not k.endswith(stats)]
+    """PyTorch names of the trainable parameters (the nnx.Params: not the BatchNorm
+    statistics, not the code usage)."""
+    return [key for key, variable, *_ in convert.leaves(model)
+            if isinstance(variable, nnx.Param)]
 
 
 def train_torch(model: torch_model.VQVAE, batches: list[np.ndarray], lr: float,

@@ -12,8 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"), "--quick",
-                    "--json", str(out)], check=True, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"),
+                          "--quick", "--quantizer", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
     assert set(results["variants"]) == {"torch_eager", "flax_jit"}
     for row in results["variants"].values():

@@ -43,7 +43,7 @@ def test_train_flags_reach_the_config():
 @pytest.mark.parametrize("argv", [
     ["--dataset", "nope"], ["--batch-size", "0"], ["--batch-size", "-3"], ["--lr", "nan"],
     ["--lr", "5"], ["--lr", "inf"], ["--frobnicate"], ["--epochs", "two"], ["--beta", "-1"],
-    ["--restart-below", "-0.1"], ["--restart-below", "2"],
+    ["--restart-below", "-0.1"], ["--restart-below", "0.9"],
 ])
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):

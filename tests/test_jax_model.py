@@ -1,4 +1,4 @@
-"""vqvae_jax.model, test for test the twin of tests/test_torch_model.py (NHWC layout), plus the
+"""vqvae_jax.model, tested as its twin is in tests/test_torch_model.py (NHWC layout), plus the
 Flax-only pieces that must reproduce PyTorch: BatchNorm, the transposed convolution, and the
 quantizer's HIGHEST-precision distance matmul."""
 import math
@@ -10,10 +10,10 @@ import pytest
 import torch
 from flax import nnx
 
+from vqvae_common import config
 from vqvae_common.config import PRESETS, ModelConfig
-from vqvae_jax import model as jax_model
 from vqvae_jax.model import (VQVAE, BatchNorm, ConvTranspose, ResidualBlock, VectorQuantizer,
-                             conv_transpose)
+                             conv_transpose, nearest_codes)
 
 CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
 Z = [[0.9, 0.2], [0.1, 1.2]]  # two latent vectors, laid out as z_e (1, 1, 2, D) below
@@ -70,12 +70,13 @@ def test_random_latents_map_to_the_nearest_code():
 
 @pytest.mark.parametrize("block", [37 * 64, 37 * 7, 10])  # several blocks, a ragged last one
 def test_distances_in_blocks_pick_the_same_codes(block, monkeypatch):
-    monkeypatch.setattr(jax_model, "DISTANCE_BLOCK", block)
+    monkeypatch.setattr(config, "DISTANCE_BLOCK", block)
     rng = np.random.default_rng(2)
     flat = rng.normal(size=(1000, 8)).astype(np.float32)
     codebook = rng.normal(size=(37, 8)).astype(np.float32)
     nearest = ((flat[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
-    np.testing.assert_array_equal(np.asarray(jax_model.nearest_codes(jnp.asarray(flat), jnp.asarray(codebook))), nearest)
+    found = nearest_codes(jnp.asarray(flat), jnp.asarray(codebook))
+    np.testing.assert_array_equal(np.asarray(found), nearest)
 
 
 def test_straight_through_gradient_is_the_identity():
@@ -136,6 +137,13 @@ def test_dead_codes_restart_on_evenly_spaced_batch_vectors():
     expected[[1, 3]] = z[[0, 3]]
     np.testing.assert_array_equal(np.asarray(vq.codebook[...]), expected)
     np.testing.assert_allclose(np.asarray(vq.usage[...]), [0.5, 0.25, 0.5, 0.25])
+
+
+def test_more_dead_codes_than_vectors_wrap_around_the_batch():
+    vq = VectorQuantizer(5, 2, restart_below=0.01, rngs=nnx.Rngs(0))
+    z = np.arange(6, dtype=np.float32).reshape(3, 2)
+    vq.restart_dead_codes(_z_e(z))  # all 5 dead (usage 0), N = 3: vectors 0, 1, 2, 0, 1
+    np.testing.assert_array_equal(np.asarray(vq.codebook[...]), z[[0, 1, 2, 0, 1]])
 
 
 def test_restart_below_zero_never_restarts():
@@ -329,13 +337,28 @@ def test_conv_transpose_module_matches_torch():
         _assert_close_relative(y, expected)
 
 
-def test_quantizer_distances_use_highest_precision():
+def _dot_generals(jaxpr):
+    """Every dot_general in `jaxpr`, inside nested jaxprs (lax.map's scan) too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dot_generals(inner)
+
+
+@pytest.mark.parametrize("block", [config.DISTANCE_BLOCK, 3])  # one block; one row per block
+def test_quantizer_distances_use_highest_precision(block, monkeypatch):
+    monkeypatch.setattr(config, "DISTANCE_BLOCK", block)
     vq = _quantizer(CODEBOOK)
     vq.eval()  # a closure may not update the usage statistics under make_jaxpr
     jaxpr = jax.make_jaxpr(lambda z: vq(z).indices)(_z_e(Z)).jaxpr
-    dots = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
-    assert len(dots) == 1, jaxpr
-    precision = dots[0].params["precision"]
-    assert precision is not None, "the distance matmul runs at the backend's default precision"
-    operands = precision if isinstance(precision, tuple) else (precision,)
-    assert all(p == jax.lax.Precision.HIGHEST for p in operands), precision
+    dots = list(_dot_generals(jaxpr))
+    assert dots, jaxpr
+    for dot in dots:
+        precision = dot.params["precision"]
+        assert precision is not None, "a distance matmul runs at the backend's default precision"
+        operands = precision if isinstance(precision, tuple) else (precision,)
+        assert all(p == jax.lax.Precision.HIGHEST for p in operands), precision

@@ -1,4 +1,4 @@
-"""vqvae_jax.train and vqvae_jax.checkpoint, test for test the twin of tests/test_torch_train.py.
+"""vqvae_jax.train and vqvae_jax.checkpoint, tested as their twins are in tests/test_torch_train.py.
 
 The twin's state is one nnx.State of (model, optimizer): state[0] holds the parameters and the
 BatchNorm statistics (mean, var, count), state[1] Adam's moments and step count. Pickle tests
@@ -10,9 +10,11 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
@@ -20,6 +22,11 @@ from vqvae_jax import checkpoint
 from vqvae_jax.train import JaxTwin, select_device
 
 MODEL = ModelConfig(in_channels=1, hidden=8, num_codes=16)
+
+
+def restart_rows(m, n):
+    """Which of n batch vectors the m dead codes move onto (VectorQuantizer's docstring)."""
+    return np.arange(m) * (n // m) if m <= n else np.arange(m) % n
 
 
 def _twin(seed=0, model=MODEL):
@@ -81,6 +88,19 @@ def test_train_step_reduces_recon(batch):
     twin = _twin()
     recon = [twin.fetch(twin.train_step(batch))["recon"] for _ in range(20)]
     assert recon[-1] < 0.95 * recon[0]
+
+
+def test_train_step_restarts_dead_codes_onto_the_batch(batch):
+    twin = _twin()
+    model, _ = nnx.merge(twin.graphdef, twin.state)
+    model.train()
+    z = np.asarray(model.encoder(jnp.asarray(batch))).reshape(-1, MODEL.hidden)
+    twin.train_step(batch)
+    quantizer = nnx.merge(twin.graphdef, twin.state)[0].quantizer
+    restarted = np.asarray(quantizer.usage[...]) == np.float32(1 / MODEL.num_codes)
+    assert restarted.any()  # usage starts at 0: the first step restarts the rarely picked codes
+    np.testing.assert_allclose(np.asarray(quantizer.codebook[...])[restarted],
+                               z[restart_rows(restarted.sum(), len(z))], rtol=1e-5, atol=1e-6)
 
 
 def test_train_step_returns_unsynced_loss_terms(batch):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from vqvae_common import config
 from vqvae_common.config import PRESETS, ModelConfig
-from vqvae_torch import model as torch_model
-from vqvae_torch.model import VQVAE, ResidualBlock, VectorQuantizer
+from vqvae_torch.model import VQVAE, ResidualBlock, VectorQuantizer, nearest_codes
 
 CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
 Z = [[0.9, 0.2], [0.1, 1.2]]  # two latent vectors, laid out as z_e (1, D, 1, 2) below
@@ -54,12 +54,13 @@ def test_random_latents_map_to_the_nearest_code():
 
 @pytest.mark.parametrize("block", [37 * 64, 37 * 7, 10])  # several blocks, a ragged last one
 def test_distances_in_blocks_pick_the_same_codes(block, monkeypatch):
-    monkeypatch.setattr(torch_model, "DISTANCE_BLOCK", block)
+    monkeypatch.setattr(config, "DISTANCE_BLOCK", block)
     rng = np.random.default_rng(2)
     flat = rng.normal(size=(1000, 8)).astype(np.float32)
     codebook = rng.normal(size=(37, 8)).astype(np.float32)
     nearest = ((flat[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
-    np.testing.assert_array_equal(torch_model.nearest_codes(torch.tensor(flat), torch.tensor(codebook)).numpy(), nearest)
+    found = nearest_codes(torch.tensor(flat), torch.tensor(codebook))
+    np.testing.assert_array_equal(found.numpy(), nearest)
 
 
 def test_straight_through_gradient_is_the_identity():
@@ -121,6 +122,13 @@ def test_dead_codes_restart_on_evenly_spaced_batch_vectors():
     expected[[1, 3]] = z[[0, 3]]
     np.testing.assert_array_equal(vq.codebook.detach().numpy(), expected)
     np.testing.assert_allclose(vq.usage.numpy(), [0.5, 0.25, 0.5, 0.25])
+
+
+def test_more_dead_codes_than_vectors_wrap_around_the_batch():
+    vq = VectorQuantizer(5, 2, restart_below=0.01)
+    z = np.arange(6, dtype=np.float32).reshape(3, 2)
+    vq.restart_dead_codes(_z_e(z))  # all 5 dead (usage 0), N = 3: vectors 0, 1, 2, 0, 1
+    np.testing.assert_array_equal(vq.codebook.detach().numpy(), z[[0, 1, 2, 0, 1]])
 
 
 def test_restart_below_zero_never_restarts():

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import os
 import pickle
@@ -9,9 +10,14 @@ import torch
 from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_torch import checkpoint
-from vqvae_torch.train import TorchTwin, select_device
+from vqvae_torch.train import TorchTwin, select_device, to_numpy, to_tensor
 
 MODEL = ModelConfig(in_channels=1, hidden=8, num_codes=16)
+
+
+def restart_rows(m, n):
+    """Which of n batch vectors the m dead codes move onto (VectorQuantizer's docstring)."""
+    return np.arange(m) * (n // m) if m <= n else np.arange(m) % n
 
 
 def _twin(seed=0, model=MODEL):
@@ -49,6 +55,19 @@ def test_train_step_reduces_recon(batch):
     twin = _twin()
     recon = [twin.fetch(twin.train_step(batch))["recon"] for _ in range(20)]
     assert recon[-1] < 0.95 * recon[0]
+
+
+def test_train_step_restarts_dead_codes_onto_the_batch(batch):
+    twin = _twin()
+    with torch.no_grad():
+        z_e = copy.deepcopy(twin.model).train().encoder(to_tensor(batch, twin.device))
+    z = to_numpy(z_e).reshape(-1, MODEL.hidden)
+    twin.train_step(batch)
+    quantizer = twin.model.quantizer
+    restarted = quantizer.usage.numpy() == np.float32(1 / MODEL.num_codes)
+    assert restarted.any()  # usage starts at 0: the first step restarts the rarely picked codes
+    np.testing.assert_allclose(quantizer.codebook.detach().numpy()[restarted],
+                               z[restart_rows(restarted.sum(), len(z))], rtol=1e-6)
 
 
 def test_train_step_returns_detached_loss_terms(batch):
@@ -112,6 +131,16 @@ def test_load_refuses_a_foreign_checkpoint(tmp_path):
     torch.save({"framework": "jax", "model_config": {}}, path)
     with pytest.raises(UserError, match="jax"):
         _twin().load(path)
+
+
+def test_a_checkpoint_missing_a_tensor_is_a_user_error(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    twin = _twin()
+    weights = {k: v for k, v in twin.model.state_dict().items() if k != "quantizer.usage"}
+    checkpoint.save(path, {"framework": "torch", "model_config": dataclasses.asdict(MODEL),
+                           "step": 3, "model": weights})
+    with pytest.raises(UserError, match="(?s)does not fit.*quantizer.usage"):
+        TorchTwin.from_checkpoint(path, device="cpu")
 
 
 def test_weights_only_checkpoint_cannot_be_resumed(tmp_path):

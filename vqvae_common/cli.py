@@ -12,6 +12,7 @@ from vqvae_common import config as cfg
 from vqvae_common.errors import UserError
 
 _DEFAULT = cfg.TrainConfig()
+_MODEL = cfg.ModelConfig()
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -39,15 +40,19 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size)
     p.add_argument("--eval-batch-size", type=int, default=_DEFAULT.eval_batch_size)
     p.add_argument("--lr", type=float, default=_DEFAULT.lr, help="Adam learning rate")
-    p.add_argument("--beta", type=float, default=None,
-                   help="commitment weight (default 1.0 as the seed; the paper uses 0.25)")
-    p.add_argument("--num-codes", type=int, default=None, help="codebook size K (default 512)")
-    p.add_argument("--hidden", type=int, default=None,
+    p.add_argument("--beta", type=float, default=argparse.SUPPRESS,
+                   help=f"commitment weight (default {_MODEL.beta} as the seed; the paper "
+                        f"uses 0.25)")
+    p.add_argument("--num-codes", type=int, default=argparse.SUPPRESS,
+                   help=f"codebook size K (default {_MODEL.num_codes})")
+    p.add_argument("--hidden", type=int, default=argparse.SUPPRESS,
                    help="hidden and embedding width D (default: the preset's)")
-    p.add_argument("--restart-below", type=float, default=None,
-                   help="restart a code onto an encoder output of the batch when its moving-"
-                        "average share of the vectors falls below this fraction of the "
-                        "uniform share 1/K (default 0.01); 0 never restarts, as in the paper")
+    p.add_argument("--restart-below", type=float, default=argparse.SUPPRESS,
+                   help="after each step, move a code onto an encoder output of the batch "
+                        "when its moving-average share of the vectors is below this fraction "
+                        f"of the uniform share 1/K (default {_MODEL.restart_below}; the first "
+                        "step so re-initialises the codebook from data); 0 never restarts, "
+                        "as in the paper")
     p.add_argument("--seed", type=int, default=_DEFAULT.seed)
     p.add_argument("--out", default=_DEFAULT.out, help="output directory")
     p.add_argument("--device", default=_DEFAULT.device,
@@ -64,7 +69,7 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
 _BOUNDS = {  # flag: (low, high), inclusive; an absurd value is as wrong as a negative one
     "epochs": (1, 100_000), "max_steps": (1, 10**9), "batch_size": (1, 65_536),
     "eval_batch_size": (1, 65_536), "lr": (1e-8, 1.0), "beta": (0.0, 100.0),
-    "restart_below": (0.0, 1.0),
+    "restart_below": (0.0, 0.5),
     "num_codes": (1, 1 << 20), "hidden": (1, 4096), "seed": (0, 2**32 - 1),
     "log_every": (1, 10**9), "checkpoint_every": (1, 10**9),
 }
@@ -74,13 +79,14 @@ def parse(framework: str, argv: Sequence[str] | None = None
           ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
     args = vars(build_parser(framework).parse_args(argv))
     for name, (low, high) in _BOUNDS.items():
-        value = args[name]
+        value = args.get(name)
         if value is not None and not (math.isfinite(value) and low <= value <= high):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {value} is out of range: expected {low} to {high}")
     preset = cfg.PRESETS[args["dataset"]]
-    overrides = {k: args.pop(k) for k in ("hidden", "num_codes", "beta", "restart_below")}
-    model = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    model_flags = {k: args.pop(k) for k in ("hidden", "num_codes", "beta", "restart_below")
+                   if k in args}  # absent unless given: the preset's value stands
+    model = dataclasses.replace(preset, **model_flags)
     return model, cfg.TrainConfig(**args)
 
 

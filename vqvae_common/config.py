@@ -17,6 +17,11 @@ DATASETS = ("mnist", "cifar10")
 DISTANCE_BLOCK = 1 << 24
 
 
+def distance_block_rows(num_codes: int) -> int:
+    """How many vectors' distances to all num_codes codes fit in one DISTANCE_BLOCK."""
+    return max(1, DISTANCE_BLOCK // num_codes)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta, and

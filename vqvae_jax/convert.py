@@ -41,7 +41,7 @@ _LEAVES: dict[type, list[tuple[str, str, tuple[int, ...] | None, str | None]]] =
 }
 
 
-def _leaves(model: VQVAE):
+def leaves(model: VQVAE):
     """(torch key, flax Variable, torch->flax axes, torch dtype) for every array of `model`."""
     for path, module in nnx.iter_modules(model):
         for torch_leaf, flax_leaf, axes, dtype in _LEAVES.get(type(module), []):
@@ -51,12 +51,12 @@ def _leaves(model: VQVAE):
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], model: VQVAE) -> None:
     """Load a PyTorch state_dict (numpy values) into `model` in place."""
-    expected = {key for key, *_ in _leaves(model)}
+    expected = {key for key, *_ in leaves(model)}
     missing, unexpected = expected - set(state_dict), set(state_dict) - expected
     if missing or unexpected:
         raise UserError(f"state_dict does not fit this model: missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
-    for key, variable, axes, _ in _leaves(model):
+    for key, variable, axes, _ in leaves(model):
         value = np.asarray(state_dict[key])
         value = value.transpose(axes) if axes else value
         if value.shape != variable[...].shape:
@@ -68,7 +68,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model: VQVAE) -> None:
 def flax_to_torch(model: VQVAE) -> dict[str, np.ndarray]:
     """The PyTorch state_dict of `model`, as numpy arrays."""
     result = {}
-    for key, variable, axes, dtype in _leaves(model):
+    for key, variable, axes, dtype in leaves(model):
         value = np.asarray(variable[...])
         value = value.transpose(np.argsort(axes)) if axes else value
         result[key] = value.astype(dtype) if dtype else value
@@ -87,7 +87,8 @@ def _convert(argv: list[str] | None) -> None:
 
     parser = UserErrorParser(prog="python -m vqvae_jax.convert",
                                      description="Convert VQ-VAE checkpoints between the twins "
-                                                 "(model weights and BatchNorm statistics).")
+                                                 "(model weights, BatchNorm statistics and "
+                                                 "code usage).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-torch", metavar="FILE", help="a train_torch.py checkpoint.pt")
     source.add_argument("--from-jax", metavar="DIR", help="a train_jax.py checkpoint directory")

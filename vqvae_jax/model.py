@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vqvae_common.config import DISTANCE_BLOCK, ModelConfig
+from vqvae_common.config import ModelConfig, distance_block_rows
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 PAD1 = ((1, 1), (1, 1))
@@ -267,8 +267,8 @@ def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
     """argmin_k ||z_n - e_k||^2 for flat (N, D) and codebook (K, D): indices (N,).
 
     The distances ||z||^2 - 2 z.e + ||e||^2 come from one matmul per block of rows, each
-    block at most DISTANCE_BLOCK entries (jax.lax.map runs the blocks one after another), so
-    memory grows as N * D, never as N * K.
+    block at most config.DISTANCE_BLOCK entries (jax.lax.map runs the blocks one after
+    another), so memory grows as N * D, never as N * K.
     """
     codebook_sq = jnp.sum(codebook ** 2, 1)
 
@@ -276,12 +276,10 @@ def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
         products = jnp.matmul(block, codebook.T, precision=jax.lax.Precision.HIGHEST)
         return jnp.argmin(codebook_sq - 2 * products + jnp.sum(block ** 2, 1, keepdims=True), 1)
 
-    rows = max(1, DISTANCE_BLOCK // len(codebook))
+    rows = distance_block_rows(len(codebook))
     if len(flat) <= rows:
         return block_argmin(flat)
-    blocks = -(-len(flat) // rows)
-    padded = jnp.pad(flat, ((0, blocks * rows - len(flat)), (0, 0)))
-    return jax.lax.map(block_argmin, padded.reshape(blocks, rows, -1)).reshape(-1)[:len(flat)]
+    return jax.lax.map(lambda z: block_argmin(z[None])[0], flat, batch_size=rows)
 
 
 class Quantized(NamedTuple):
@@ -312,13 +310,15 @@ class VectorQuantizer(nnx.Module):
     code's share of the vectors, u_k <- decay u_k + (1 - decay) count_k / N (u = 0 at
     start), and `restart_dead_codes` moves each code with u_k < restart_below / K onto an
     encoder vector of the current batch: the r-th of the M dead codes (in index order) onto
-    vector floor(r N / M), spread evenly over the shuffled batch, with no randomness of its
-    own so that both twins restart identically. A restarted code gets u_k = 1/K, the
-    uniform share, as a grace period.
+    vector r * floor(N / M) (vector r mod N when M > N), spread evenly over the shuffled
+    batch, with no randomness of its own so that both twins restart identically. A restarted
+    code gets u_k = 1/K, the uniform share, as a grace period. As u starts at 0, the first
+    step restarts nearly every code: a data-dependent initialisation of the codebook.
     """
 
-    def __init__(self, num_codes: int, dim: int, restart_below: float = 0.0,
-                 usage_decay: float = 0.99, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, num_codes: int, dim: int,
+                 restart_below: float = ModelConfig.restart_below,
+                 usage_decay: float = ModelConfig.usage_decay, *, rngs: nnx.Rngs) -> None:
         self.codebook = nnx.Param(jax.random.uniform(
             rngs.params(), (num_codes, dim), minval=-1 / num_codes, maxval=1 / num_codes))
         self.usage = nnx.BatchStat(jnp.zeros(num_codes))
@@ -330,9 +330,9 @@ class VectorQuantizer(nnx.Module):
         flat = z.reshape(-1, z.shape[-1])
         indices = nearest_codes(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(e))
         if not self.use_running_average:
-            share = jnp.bincount(indices, length=len(e)) / len(indices)
-            self.usage[...] = (self.usage_decay * self.usage[...]
-                               + (1 - self.usage_decay) * share.astype(e.dtype))
+            counts = jnp.bincount(indices, length=len(e))
+            share = counts.astype(self.usage[...].dtype) / len(indices)
+            self.usage[...] = self.usage_decay * self.usage[...] + (1 - self.usage_decay) * share
         z_q = e[indices].reshape(z.shape)
         codebook_loss = mse(z_q, jax.lax.stop_gradient(z))
         commitment_loss = mse(z, jax.lax.stop_gradient(z_q))
@@ -346,9 +346,10 @@ class VectorQuantizer(nnx.Module):
         e = self.codebook[...]
         flat = jax.lax.stop_gradient(z_e).reshape(-1, z_e.shape[-1])
         dead = self.usage[...] < self.restart_below / len(e)
+        n, m = len(flat), jnp.maximum(dead.sum(), 1)
         rank = jnp.cumsum(dead) - 1
-        rows = (rank * len(flat)) // jnp.maximum(dead.sum(), 1)
-        replacement = flat[jnp.clip(rows, 0, len(flat) - 1)]
+        rows = jnp.where(m <= n, rank * (n // m), rank % n)
+        replacement = flat[jnp.clip(rows, 0, n - 1)]
         self.codebook[...] = jnp.where(dead[:, None], replacement, e)
         self.usage[...] = jnp.where(dead, 1 / len(e), self.usage[...])
 

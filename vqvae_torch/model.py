@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqvae_common.config import DISTANCE_BLOCK, ModelConfig
+from vqvae_common.config import ModelConfig, distance_block_rows
 
 
 class ResidualBlock(nn.Module):
@@ -80,10 +80,10 @@ def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """argmin_k ||z_n - e_k||^2 for flat (N, D) and codebook (K, D): indices (N,).
 
     The distances ||z||^2 - 2 z.e + ||e||^2 come from one matmul per block of rows, each
-    block at most DISTANCE_BLOCK entries, so memory grows as N * D, never as N * K.
+    block at most config.DISTANCE_BLOCK entries, so memory grows as N * D, never as N * K.
     """
     codebook_sq = codebook.pow(2).sum(1)
-    rows = max(1, DISTANCE_BLOCK // len(codebook))
+    rows = distance_block_rows(len(codebook))
     return torch.cat([  # ||e||^2 - 2 z.e in one buffer, then ||z||^2 added in place
         torch.addmm(codebook_sq, block, codebook.t(), alpha=-2)
         .add_(block.pow(2).sum(1, keepdim=True)).argmin(1)
@@ -117,13 +117,15 @@ class VectorQuantizer(nn.Module):
     code's share of the vectors, u_k <- decay u_k + (1 - decay) count_k / N (u = 0 at
     start), and `restart_dead_codes` moves each code with u_k < restart_below / K onto an
     encoder vector of the current batch: the r-th of the M dead codes (in index order) onto
-    vector floor(r N / M), spread evenly over the shuffled batch, with no randomness of its
-    own so that both twins restart identically. A restarted code gets u_k = 1/K, the
-    uniform share, as a grace period.
+    vector r * floor(N / M) (vector r mod N when M > N), spread evenly over the shuffled
+    batch, with no randomness of its own so that both twins restart identically. A restarted
+    code gets u_k = 1/K, the uniform share, as a grace period. As u starts at 0, the first
+    step restarts nearly every code: a data-dependent initialisation of the codebook.
     """
 
-    def __init__(self, num_codes: int, dim: int, restart_below: float = 0.0,
-                 usage_decay: float = 0.99) -> None:
+    def __init__(self, num_codes: int, dim: int,
+                 restart_below: float = ModelConfig.restart_below,
+                 usage_decay: float = ModelConfig.usage_decay) -> None:
         super().__init__()
         self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes,
                                                                           1 / num_codes))
@@ -136,7 +138,11 @@ class VectorQuantizer(nn.Module):
         indices = nearest_codes(flat.detach(), self.codebook.detach())
         if self.training:
             with torch.no_grad():
-                share = torch.bincount(indices, minlength=len(self.codebook)) / len(indices)
+                # scatter_add_, not bincount: a fixed output shape for torch.compile, and
+                # deterministic on CUDA
+                counts = torch.zeros_like(self.usage).scatter_add_(
+                    0, indices, torch.ones_like(indices, dtype=self.usage.dtype))
+                share = counts / len(indices)
                 self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * share)
         z_q = self.codebook[indices].view_as(z)
         codebook_loss = F.mse_loss(z_q, z.detach())
@@ -153,9 +159,10 @@ class VectorQuantizer(nn.Module):
         num_codes = len(self.codebook)
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
         dead = self.usage < self.restart_below / num_codes
+        n, m = len(flat), dead.sum().clamp(min=1)
         rank = torch.cumsum(dead, 0) - 1
-        rows = (rank * len(flat)) // dead.sum().clamp(min=1)
-        replacement = flat[rows.clamp(0, len(flat) - 1)]
+        rows = torch.where(m <= n, rank * (n // m), rank % n)
+        replacement = flat[rows.clamp(0, n - 1)]
         self.codebook.copy_(torch.where(dead[:, None], replacement, self.codebook))
         self.usage.copy_(torch.where(dead, 1 / num_codes, self.usage))
 

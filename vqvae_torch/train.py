@@ -3,6 +3,7 @@ and the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_jax/tr
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -24,6 +25,14 @@ def select_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown --device {name!r}: choose auto, cpu, cuda or gpu")
+
+
+def deterministic() -> None:
+    """PyTorch's deterministic algorithms. Without them its CPU backward differs from run to
+    run in the last bits, which the VQ argmin amplifies: same seed, different losses. On CUDA
+    cuBLAS then needs a fixed workspace, set before its first matmul, else it raises."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -54,9 +63,7 @@ class TorchTwin:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         self.device = select_device(train_cfg.device)
-        # Without this, PyTorch's CPU backward differs from run to run in the last bits,
-        # which the VQ argmin amplifies: same seed, different losses.
-        torch.use_deterministic_algorithms(True)
+        deterministic()
         torch.manual_seed(train_cfg.seed)
         self.config = model_cfg
         self.model = VQVAE(model_cfg).to(self.device)
@@ -68,8 +75,15 @@ class TorchTwin:
         included), ready to evaluate."""
         payload = checkpoint.load(path, select_device(device))
         twin = cls(model_config(payload["model_config"]), TrainConfig(device=device))
-        twin.model.load_state_dict(payload["model"])
+        twin._load_weights(path, payload["model"])
         return twin
+
+    def _load_weights(self, path: str, state_dict: dict[str, torch.Tensor]) -> None:
+        try:
+            self.model.load_state_dict(state_dict)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            raise UserError(f"{path} does not fit the model its config describes: "
+                            f"{str(e)[:200]}") from e
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
         return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
@@ -105,6 +119,6 @@ class TorchTwin:
         if "optimizer" not in payload:
             raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
                             f"evaluated but not resumed")
-        self.model.load_state_dict(payload["model"])
+        self._load_weights(path, payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         return int(payload["step"])
