@@ -5,7 +5,8 @@
 Each (twin, N, K) runs in a fresh process, so that one case's memory cannot hide another's:
 
     seconds   median over repeats of vqvae_torch.model.nearest_codes (eager) and of
-              vqvae_jax.model.nearest_codes (jitted), after one warm-up call
+              vqvae_jax.model.nearest_codes (jitted), after one warm-up call; for the
+              largest case (minutes a call on a CPU) the first call's time alone
     peak MiB  memory the search needs beyond its input and output:
               torch: growth of the process's peak RSS (VmHWM) over the first call (CPU), or
                      torch.cuda.max_memory_allocated over the call (CUDA)
@@ -70,14 +71,15 @@ def _torch_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        call()
+        first = _median_seconds(call, 1)
         peak = torch.cuda.max_memory_allocated() - base
     else:
         _reset_peak_rss()
         base = _status_bytes("VmRSS")
-        call()
+        first = _median_seconds(call, 1)
         peak = _status_bytes("VmHWM") - base
-    return {"seconds": _median_seconds(call, repeats), "peak_bytes": float(peak)}
+    return {"seconds": _median_seconds(call, repeats) if repeats else first,
+            "peak_bytes": float(peak)}
 
 
 def _flax_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
@@ -92,8 +94,9 @@ def _flax_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
     compiled = jax.jit(nearest_codes).lower(flat, codebook).compile()
     peak = compiled.memory_analysis().temp_size_in_bytes
     call = lambda: compiled(flat, codebook).block_until_ready()  # noqa: E731
-    call()
-    return {"seconds": _median_seconds(call, repeats), "peak_bytes": float(peak)}
+    first = _median_seconds(call, 1)
+    return {"seconds": _median_seconds(call, repeats) if repeats else first,
+            "peak_bytes": float(peak)}
 
 
 def _median_seconds(call, repeats: int) -> float:
@@ -123,7 +126,7 @@ def sweep(device: str, quick: bool) -> list[dict[str, float]]:
           f"{'N*K*4 MiB':>10} {'N*K*D*4 MiB':>12}")
     rows = []
     for n, k in cases:
-        repeats = 1 if n * k > 1 << 32 else 3
+        repeats = 0 if n * k > 1 << 32 else 3  # 0: the first call's time alone
         for twin in ("torch", "flax"):
             row = {"twin": twin, "n": n, "k": k, "dim": DIM,
                    **measure_case(twin, n, k, device, repeats)}
