@@ -24,11 +24,6 @@ from vqvae_jax.train import JaxTwin, select_device
 MODEL = ModelConfig(in_channels=1, hidden=8, num_codes=16)
 
 
-def restart_rows(m, n):
-    """Which of n batch vectors the m dead codes move onto (VectorQuantizer's docstring)."""
-    return np.arange(m) * (n // m) if m <= n else np.arange(m) % n
-
-
 def _twin(seed=0, model=MODEL):
     return JaxTwin(model, TrainConfig(device="cpu", seed=seed))
 
@@ -90,7 +85,7 @@ def test_train_step_reduces_recon(batch):
     assert recon[-1] < 0.95 * recon[0]
 
 
-def test_train_step_restarts_dead_codes_onto_the_batch(batch):
+def test_train_step_restarts_dead_codes_onto_the_batch(batch, restart_rows):
     twin = _twin()
     model, _ = nnx.merge(twin.graphdef, twin.state)
     model.train()

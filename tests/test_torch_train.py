@@ -15,11 +15,6 @@ from vqvae_torch.train import TorchTwin, select_device, to_numpy, to_tensor
 MODEL = ModelConfig(in_channels=1, hidden=8, num_codes=16)
 
 
-def restart_rows(m, n):
-    """Which of n batch vectors the m dead codes move onto (VectorQuantizer's docstring)."""
-    return np.arange(m) * (n // m) if m <= n else np.arange(m) % n
-
-
 def _twin(seed=0, model=MODEL):
     return TorchTwin(model, TrainConfig(device="cpu", seed=seed))
 
@@ -57,7 +52,7 @@ def test_train_step_reduces_recon(batch):
     assert recon[-1] < 0.95 * recon[0]
 
 
-def test_train_step_restarts_dead_codes_onto_the_batch(batch):
+def test_train_step_restarts_dead_codes_onto_the_batch(batch, restart_rows):
     twin = _twin()
     with torch.no_grad():
         z_e = copy.deepcopy(twin.model).train().encoder(to_tensor(batch, twin.device))
