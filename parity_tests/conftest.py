@@ -5,6 +5,10 @@
 
 On a GPU, TF32 is turned off in both frameworks so that matmuls and convolutions run in
 full float32, as they do on the CPU. PyTorch runs its deterministic algorithms.
+
+Every level holds whatever way rounding breaks a tie (parity_tests/ties.py), and
+`python parity_tests/matrix.py` proves it under other SIMD levels, thread counts and batch
+orders (PARITY_BATCH_ORDER=reversed, parity_tests/inputs.py).
 """
 from __future__ import annotations
 

@@ -7,9 +7,11 @@ from flax import nnx
 
 from parity_tests import tolerances as tol
 from parity_tests.conftest import relative
-from parity_tests.test_forward import compare_forward, images
+from parity_tests.inputs import images
+from parity_tests.test_forward import compare_forward
 from parity_tests.test_quantizer import run_both
-from parity_tests.twins import Pair, flax_grads, flax_state, torch_grads, torch_state
+from parity_tests.ties import Audit
+from parity_tests.twins import Pair, flax_state, torch_state
 from vqvae_common.config import ModelConfig
 from vqvae_jax import model as jax_model
 
@@ -24,9 +26,10 @@ def violations(pair: Pair, x: np.ndarray, train: bool) -> list[str]:
         if relative(got, want, scale) > bound:
             failed.append(quantity)
 
+    compare_forward(pair, x, train, record)
     try:
-        compare_forward(pair, x, train, record)
-    except AssertionError as e:  # the indices check asserts directly
+        pair.audit.verify()
+    except AssertionError as e:
         failed.append(str(e))
     return failed
 
@@ -59,11 +62,7 @@ def test_a_batchnorm_convention_flip_fails_the_running_stats_check(bug, monkeypa
         for _, module in nnx.iter_modules(pair.flax):
             if isinstance(module, jax_model.BatchNorm):
                 module.momentum = 0.9
-    tx, fx = pair.x(images("mnist", 4, 0))
-    pair.torch.train()
-    pair.torch(tx)
-    pair.flax.train()
-    pair.flax(fx)
+    pair.train_mode_call(images("mnist", 4, 0))
     t, f = torch_state(pair.torch), flax_state(pair.flax)
     worst = max(relative(f[k], t[k]) for k in t if k.endswith(("running_mean", "running_var")))
     assert worst > tol.BATCHNORM
@@ -78,8 +77,7 @@ def _biased_batchnorm(self, x):
 
 
 def _worst_gradient(pair: Pair, x: np.ndarray, prefix: str) -> float:
-    tx, fx = pair.x(x)
-    t, f = torch_grads(pair.torch, tx), flax_grads(pair.flax, fx)
+    t, f = pair.grads(x)
     return max(relative(f[k], t[k], float(np.abs(t[k]).max())) for k in t if k.startswith(prefix))
 
 
@@ -108,17 +106,16 @@ def test_losses_taken_after_the_straight_through_patch_fail_the_gradient_check(m
 
 
 def test_the_seed_models_distance_sign_fails_the_quantizer_check(monkeypatch):
-    def plus_two_ze(self, z):  # the seed's ||z||^2 + 2 z.e + ||e||^2
-        e = self.codebook[...]
-        flat = z.reshape(-1, z.shape[-1])
-        d = (flat ** 2).sum(1, keepdims=True) + 2 * flat @ e.T + (e ** 2).sum(1)
-        idx = d.argmin(1)
-        return jax_model.Quantized(e[idx].reshape(z.shape), idx.reshape(z.shape[:-1]),
-                                   jax.numpy.zeros(()), jax.numpy.zeros(()))
+    def plus_two_ze(flat, codebook):  # the seed model's ||z||^2 + 2 z.e + ||e||^2
+        d = (flat ** 2).sum(1, keepdims=True) + 2 * flat @ codebook.T + (codebook ** 2).sum(1)
+        return d.argmin(1)
 
-    monkeypatch.setattr(jax_model.VectorQuantizer, "__call__", plus_two_ze)
+    monkeypatch.setattr(jax_model, "nearest_codes", plus_two_ze)
     rng = np.random.default_rng(0)
     z = rng.standard_normal((2, 7, 7, 16)).astype(np.float32)
     codebook = rng.standard_normal((32, 16)).astype(np.float32)
-    t, f = run_both(z, codebook, "cpu")
-    assert np.mean(t.indices.numpy() != np.asarray(f.indices)) > 0.5
+    audit = Audit()
+    run_both(z, codebook, "cpu", audit)
+    assert len(audit.disagreements) > 0.5 * audit.compared
+    with pytest.raises(AssertionError, match="disagreements away from any tie"):
+        audit.verify()

@@ -1,12 +1,13 @@
 """Both twins on the same weights and inputs, every result returned as numpy in NHWC (PyTorch
-keys for parameters), so that a test compares plain arrays."""
+keys for parameters), so that a test compares plain arrays.
+
+The PyTorch twin always runs first; the Flax twin then runs under `ties.follow` and
+`ties.follow_relus`, taking PyTorch's code index wherever its own argmin differs and PyTorch's
+side of 0 at every ReLU; `Pair.audit` proves each such case a tie (parity_tests/ties.py).
+"""
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-from collections.abc import Iterator
-from unittest import mock
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ import optax
 import torch
 from flax import nnx
 
+from parity_tests.ties import Audit, follow, follow_relus, torch_relu_inputs
 from vqvae_common.config import ModelConfig
 from vqvae_jax import convert
 from vqvae_jax import model as jax_model
@@ -32,6 +34,7 @@ class Pair:
         torch.manual_seed(seed)
         self.torch_device = torch.device("cuda" if device == "gpu" else "cpu")
         self.jax_device = jax.devices(device)[0]
+        self.audit = Audit()
         self.torch = torch_model.VQVAE(config).to(self.torch_device, torch.from_numpy(
             np.zeros(0, dtype)).dtype)
         with jax.default_device(self.jax_device):
@@ -42,6 +45,48 @@ class Pair:
 
     def x(self, batch: np.ndarray) -> tuple[torch.Tensor, jax.Array]:
         return to_tensor(batch, self.torch_device), jax.device_put(batch, self.jax_device)
+
+    def forward(self, batch: np.ndarray, train: bool
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(torch, flax) results of one forward pass; the models are left as they were."""
+        tx, fx = self.x(batch)
+        with torch_relu_inputs() as relus:
+            t = torch_forward(self.torch, tx, train)
+        with follow(t["indices"], self.audit), follow_relus(relus, self.audit):
+            f = flax_forward(self.flax, fx, train)
+        return t, f
+
+    def train_mode_call(self, batch: np.ndarray) -> None:
+        """One train-mode forward of each model, in place: BatchNorm statistics and code
+        usage move."""
+        tx, fx = self.x(batch)
+        self.torch.train()
+        with torch_relu_inputs() as relus:
+            indices = self.torch(tx).indices.cpu().numpy()
+        self.flax.train()
+        with follow(indices, self.audit), follow_relus(relus, self.audit):
+            self.flax(fx)
+
+    def grads(self, batch: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(torch, flax) gradients of the total loss, in train mode, by PyTorch key; the
+        models are left as they were."""
+        tx, fx = self.x(batch)
+        with torch_relu_inputs() as relus:
+            t, indices = torch_grads(self.torch, tx)
+        with follow(indices, self.audit), follow_relus(relus, self.audit):
+            f = flax_grads(self.flax, fx)
+        return t, f
+
+    def train(self, batches: list[np.ndarray], lr: float
+              ) -> tuple[list[dict[str, float]], list[dict[str, float]], jax_model.VQVAE]:
+        """Adam steps of each twin's own train step: (torch losses per step, flax losses per
+        step, the trained Flax copy). The PyTorch model trains in place. The jitted Flax
+        step follows PyTorch's code indices but not its ReLU sides: a kink tie needs float32
+        rounding, and the float64 trajectory is the one held to a tight bound."""
+        t_history, references = train_torch(self.torch, batches, lr, self.torch_device)
+        trained, f_history = train_flax(self.flax, batches, references, lr, self.jax_device,
+                                        self.audit)
+        return t_history, f_history, trained
 
 
 def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -73,46 +118,16 @@ def flax_forward(model: jax_model.VQVAE, x: jax.Array, train: bool) -> dict[str,
             **{k: np.asarray(v) for k, v in out.losses.items()}}
 
 
-@contextlib.contextmanager
-def relu_inputs() -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
-    """Record the input of every ReLU call of both twins (their models call F.relu and
-    jax.nn.relu by attribute, so patching those sees every call), as NHWC numpy."""
-    torch_inputs: list[np.ndarray] = []
-    flax_inputs: list[np.ndarray] = []
-    torch_relu, jax_relu = torch.nn.functional.relu, jax.nn.relu
-
-    def torch_spy(x, *args, **kwargs):
-        torch_inputs.append(x.detach().permute(0, 2, 3, 1).cpu().numpy())
-        return torch_relu(x, *args, **kwargs)
-
-    def jax_spy(x):
-        flax_inputs.append(np.asarray(x))
-        return jax_relu(x)
-
-    with mock.patch.object(torch.nn.functional, "relu", torch_spy), \
-            mock.patch.object(jax.nn, "relu", jax_spy):
-        yield torch_inputs, flax_inputs
-
-
-def kink_flips(torch_inputs: list[np.ndarray], flax_inputs: list[np.ndarray],
-               near: float) -> tuple[int, int]:
-    """(ReLU inputs on opposite sides of 0 in the twins, how many of those are farther than
-    `near` x the layer's largest |input| from 0). Only the second kind is a disagreement: the
-    first is a tie that float rounding breaks either way, as an argmin near-tie is."""
-    assert len(torch_inputs) == len(flax_inputs)
-    flips = far = 0
-    for t, f in zip(torch_inputs, flax_inputs):
-        differ = (t > 0) != (f > 0)
-        flips += int(differ.sum())
-        far += int((differ & (np.abs(t) > near * np.abs(t).max())).sum())
-    return flips, far
-
-
-def torch_grads(model: torch_model.VQVAE, x: torch.Tensor) -> dict[str, np.ndarray]:
+def torch_grads(model: torch_model.VQVAE, x: torch.Tensor
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(gradient of every parameter, the code indices of that forward pass)."""
+    model = copy.deepcopy(model)  # train mode updates the running stats; keep the caller's
     model.train()
     model.zero_grad(set_to_none=True)
-    model(x).losses["loss"].backward()
-    return {k: p.grad.cpu().numpy() for k, p in model.named_parameters()}
+    out = model(x)
+    out.losses["loss"].backward()
+    grads = {k: p.grad.cpu().numpy() for k, p in model.named_parameters()}
+    return grads, out.indices.cpu().numpy()
 
 
 def flax_grads(model: jax_model.VQVAE, x: jax.Array) -> dict[str, np.ndarray]:
@@ -132,27 +147,39 @@ def torch_state_params(model: jax_model.VQVAE) -> list[str]:
 
 
 def train_torch(model: torch_model.VQVAE, batches: list[np.ndarray], lr: float,
-                device: torch.device) -> list[dict[str, float]]:
-    """vqvae_torch.train's step, in place on `model`; each step's loss terms."""
+                device: torch.device) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+    """vqvae_torch.train's step, in place on `model`: each step's loss terms and code
+    indices."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    history = []
-    for batch in batches:
-        losses = torch_train.train_step(model, optimizer, to_tensor(batch, device))
-        history.append({k: v.item() for k, v in losses.items()})
-    return history
+    history, indices = [], []
+    hook = model.quantizer.register_forward_hook(
+        lambda module, args, out: indices.append(out.indices.cpu().numpy()))
+    try:
+        for batch in batches:
+            losses = torch_train.train_step(model, optimizer, to_tensor(batch, device))
+            history.append({k: v.item() for k, v in losses.items()})
+    finally:
+        hook.remove()
+    return history, indices
 
 
-def train_flax(model: jax_model.VQVAE, batches: list[np.ndarray], lr: float,
-               device: jax.Device) -> tuple[jax_model.VQVAE, list[dict[str, float]]]:
-    """vqvae_jax.train's jitted step from `model`'s weights: the trained copy, and each step's
-    loss terms."""
+def train_flax(model: jax_model.VQVAE, batches: list[np.ndarray], references: list[np.ndarray],
+               lr: float, device: jax.Device, audit: Audit
+               ) -> tuple[jax_model.VQVAE, list[dict[str, float]]]:
+    """vqvae_jax.train's jitted step from `model`'s weights, step i following the code
+    indices references[i]: the trained copy, and each step's loss terms."""
     model = nnx.clone(model)
     model.train()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)))
-    step = jax.jit(functools.partial(jax_train.train_step, graphdef))
+
+    @jax.jit
+    def step(state: nnx.State, batch: jax.Array, reference: jax.Array, number: jax.Array):
+        with follow(reference, audit, number):  # active while tracing: each call follows its own
+            return jax_train.train_step(graphdef, state, batch)
+
     history = []
-    for batch in batches:
-        state, losses = step(state, jax.device_put(batch, device))
+    for number, (batch, reference) in enumerate(zip(batches, references, strict=True)):
+        state, losses = step(state, jax.device_put(batch, device), reference, number)
         history.append({k: float(v) for k, v in losses.items()})
     trained, _ = nnx.merge(graphdef, state)
     return trained, history
