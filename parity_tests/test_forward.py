@@ -19,7 +19,7 @@ def compare_forward(pair: Pair, x: np.ndarray, train: bool, check) -> None:
 
 
 @pytest.mark.parametrize("preset", ["mnist", "cifar10"])
-@pytest.mark.parametrize("width,seed,batch", [("preset", 0, 1), ("small", 1, 5),
+@pytest.mark.parametrize("width,seed,batch", [("preset", 0, 1), ("small", 1, 7),
                                               ("small", 2, 16)])
 def test_forward_matches(preset, width, seed, batch, device, check, note):
     pair = Pair(DATASETS[preset].preset if width == "preset" else SMALL[preset], seed, device)
@@ -32,7 +32,7 @@ def test_forward_matches(preset, width, seed, batch, device, check, note):
 @pytest.mark.parametrize("preset", ["mnist", "cifar10"])
 def test_batchnorm_running_stats_after_a_train_step(preset, device, check, note):
     pair = Pair(DATASETS[preset].preset, 0, device)
-    pair.train_mode_call(images(preset, 8, 0))
+    pair.train_mode_call(images(preset, 16, 0))
     pair.audit.verify(note)
     t, f = torch_state(pair.torch), flax_state(pair.flax)
     stats = [k for k in t if k.endswith(("running_mean", "running_var"))]
