@@ -52,7 +52,8 @@ class Audit:
 
     compared: int = 0  # vectors quantized under `follow`
     relu_flips: int = 0  # ReLU inputs on opposite sides of 0, within rounding of 0
-    aligned: int = 0  # of those, indices that differed at a proven near-tie
+    tie_steps: list[int] = dataclasses.field(default_factory=list)  # per index that differed
+    #                at a proven near-tie: its training step, or -1
     disagreements: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     #                (training step or -1, what differed) for differences that are not ties
 
@@ -64,9 +65,15 @@ class Audit:
         differ = np.flatnonzero(own != reference)
         if differ.size:
             tie = near_tie(flat[differ], codebook, own[differ], reference[differ])
-            self.aligned += int(tie.sum())
-            self.disagreements += [(int(step), f"code of vector {n}: flax code {own[n]}, torch code "
-                                               f"{reference[n]}") for n in differ[~tie]]
+            self.tie_steps += [int(step)] * int(tie.sum())
+            self.disagreements += [
+                (int(step), f"vector {n}: flax code {own[n]}, torch code {reference[n]}")
+                for n in differ[~tie]]
+
+    @property
+    def aligned(self) -> int:
+        """Indices that differed at a proven near-tie."""
+        return len(self.tie_steps)
 
     def record_relu(self, own: np.ndarray, reference: np.ndarray) -> None:
         own, reference = np.asarray(own), np.asarray(reference)
@@ -87,13 +94,16 @@ class Audit:
         wrong = [message for step, message in self.disagreements
                  if drift_from_step is None or step < drift_from_step]
         drift = len(self.disagreements) - len(wrong)
+        ties = [s for s in self.tie_steps if drift_from_step is None or s < drift_from_step]
         assert not wrong, (f"{len(wrong)} disagreements away from any tie (code indices, "
                            f"ReLU sides), e.g. {wrong[:3]}")
         if note is not None:
-            note("argmin near-ties aligned to PyTorch's index (count)", self.aligned)
+            note("argmin near-ties aligned to PyTorch's index (count)", len(ties))
             note("ReLU kink ties aligned to PyTorch's side (count)", self.relu_flips)
             if drift_from_step is not None:
-                note("float32 training: indices followed after drift (count)", drift)
+                note("float32 training: indices followed after drift, not ties (count)", drift)
+                note("float32 training: near-ties after drift (count)",
+                     len(self.tie_steps) - len(ties))
 
 
 @contextlib.contextmanager
