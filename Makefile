@@ -1,26 +1,28 @@
-# The README's two commands for a fresh machine, and the checks CI runs.
+# The README's two commands for a fresh machine, and the checks CI runs. The datasets live
+# in $TFDS_DATA_DIR when it is set, else in tfds's own default, ~/tensorflow_datasets.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TFDS_DATA_DIR ?= ../shared/data/tensorflow_datasets
-export TFDS_DATA_DIR
+# The install also brings TensorFlow, which tfds needs to prepare a dataset the first time.
+INSTALLED := $(VENV)/.installed
 
 .PHONY: install test parity train-torch train-jax
 
-$(PY):
+$(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,prepare]'
+	touch $@
 
-install: $(PY)
+install: $(INSTALLED)
 
-test: $(PY)
+test: $(INSTALLED)
 	$(PY) -m pytest
 
-parity: $(PY)
+parity: $(INSTALLED)
 	$(PY) -m pytest parity_tests
 
-train-torch: $(PY)
+train-torch: $(INSTALLED)
 	$(PY) train_torch.py
 
-train-jax: $(PY)
+train-jax: $(INSTALLED)
 	$(PY) train_jax.py
