@@ -7,11 +7,17 @@
 Prints and writes (--json) mse (on [-1, 1]), psnr (dB, on [0, 255]), ssim, perplexity (over
 the whole split), codes_used (fraction of the K codes) and images_per_s. Given the same
 weights, both frameworks' checkpoints give the same numbers.
+
+The test split is --dataset's. Without it, it is the dataset in the config.json that training
+wrote beside the checkpoint, when that file records this checkpoint's model config; else the
+only dataset whose images have as many channels as the model takes.
 """
+import argparse
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 from vqvae_common import cli, config, data, loop
 from vqvae_common.errors import UserError
@@ -19,20 +25,59 @@ from vqvae_common.errors import UserError
 KEYS = ("mse", "psnr", "ssim", "perplexity", "codes_used", "images_per_s")
 
 
-def parse(argv):
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = cli.UserErrorParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="a PyTorch checkpoint file or a Flax checkpoint directory")
-    p.add_argument("--dataset", choices=config.DATASETS, default=None,
-                   help="default: the one whose channels the model takes")
-    p.add_argument("--data-dir", default=None, help="as for training")
+    p.add_argument("--dataset", choices=tuple(config.DATASETS), default=None,
+                   help="the test split to evaluate on (default: the dataset of the training "
+                        "run's config.json beside the checkpoint, when it records this "
+                        "model; else the only dataset whose images have the model's "
+                        "channel count)")
+    cli.add_flag(p, config.TrainConfig, "data_dir")
+    cli.add_flag(p, config.TrainConfig, "device")
+    cli.add_flag(p, config.TrainConfig, "eval_batch_size", "--batch-size")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=500)
     return p.parse_args(argv)
 
 
-def run(args) -> dict[str, float]:
+def trained_on(checkpoint: str, model_cfg: config.ModelConfig) -> str | None:
+    """The dataset recorded in the config.json beside `checkpoint`, if that file is a
+    training run's config for this very model (a converted checkpoint may sit beside an
+    unrelated one)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    try:
+        with open(path) as f:
+            run_model, run_train = config.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or not a run's config
+        return None
+    if run_model != model_cfg or run_train.dataset not in config.DATASETS:
+        return None
+    return run_train.dataset
+
+
+def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.ModelConfig
+                   ) -> config.Dataset:
+    """--dataset, else the training run's, else the only one the model's channels fit."""
+    channels = model_cfg.in_channels
+    name = requested or trained_on(checkpoint, model_cfg)
+    if name is None:
+        fits = [d.name for d in config.DATASETS.values() if d.image_shape[2] == channels]
+        if not fits:
+            raise UserError(f"the model in {checkpoint} takes {channels}-channel images, "
+                            f"which no dataset here has")
+        if len(fits) > 1:
+            raise UserError(f"cannot tell which of {', '.join(fits)} the model in "
+                            f"{checkpoint} was trained on: pass --dataset")
+        name = fits[0]
+    dataset = config.DATASETS[name]
+    if dataset.image_shape[2] != channels:
+        raise UserError(f"the model takes {channels}-channel images, "
+                        f"{name} has {dataset.image_shape[2]}")
+    return dataset
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
     if os.path.isfile(args.checkpoint):
         from vqvae_torch.train import TorchTwin as Twin
     elif os.path.isdir(args.checkpoint):
@@ -41,15 +86,12 @@ def run(args) -> dict[str, float]:
         raise UserError(f"no checkpoint at {args.checkpoint}")
     twin = Twin.from_checkpoint(args.checkpoint, args.device)
     model_cfg = twin.config
-    dataset = args.dataset or next(name for name, shape in config.IMAGE_SHAPES.items()
-                                   if shape[2] == model_cfg.in_channels)
-    if config.IMAGE_SHAPES[dataset][2] != model_cfg.in_channels:
-        raise UserError(f"the model takes {model_cfg.in_channels}-channel images, "
-                        f"{dataset} has {config.IMAGE_SHAPES[dataset][2]}")
+    dataset = choose_dataset(args.dataset, args.checkpoint, model_cfg).name
+    batch_size = args.eval_batch_size
     test_images = data.load(dataset, "test", args.data_dir)
-    twin.evaluate(data.to_float(test_images[:args.batch_size]))  # compile outside the timing
+    twin.evaluate(data.to_float(test_images[:batch_size]))  # compile outside the timing
     start = time.perf_counter()
-    result = loop.evaluate(twin, test_images, args.batch_size, model_cfg.num_codes)
+    result = loop.evaluate(twin, test_images, batch_size, model_cfg.num_codes)
     result["images_per_s"] = len(test_images) / (time.perf_counter() - start)
     result = {key: result[key] for key in KEYS}
     print(f"{dataset} test ({len(test_images)} images): " +
@@ -59,7 +101,7 @@ def run(args) -> dict[str, float]:
     return result
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return cli.report_errors(lambda: run(parse(argv)))
 
 

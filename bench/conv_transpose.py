@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqvae_common.config import IMAGE_SHAPES, PRESETS
+from vqvae_common.config import DATASETS
 from vqvae_jax.model import conv_transpose
 
 TAPS = np.array([[3, 1], [2, 0]])  # output phase a takes kernel rows 3 - a - 2t, t in {0, 1}
@@ -50,12 +50,12 @@ FORMULATIONS = {"autodiff_lhs_dilated": autodiff_lhs_dilated,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=list(PRESETS), default="mnist")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    d, c = PRESETS[args.dataset].hidden, IMAGE_SHAPES[args.dataset][2]
-    h = IMAGE_SHAPES[args.dataset][0] // 4
+    d, c = DATASETS[args.dataset].preset.hidden, DATASETS[args.dataset].image_shape[2]
+    h = DATASETS[args.dataset].image_shape[0] // 4
     rng = np.random.default_rng(0)
     print(f"{jax.devices()[0].device_kind}, {args.dataset}, batch {args.batch}: "
           f"median ms of forward + gradient (x and kernel)")

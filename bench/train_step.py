@@ -36,11 +36,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vqvae_common import data
-from vqvae_common.config import IMAGE_SHAPES, PRESETS, TrainConfig
+from vqvae_common.config import DATASETS, TrainConfig
 from vqvae_jax.train import JaxTwin
 from vqvae_torch.train import TorchTwin, to_tensor
-
-TRAIN_SIZES = {"mnist": 60_000, "cifar10": 50_000}
 
 
 def fixed_batches(batch: np.ndarray) -> Iterator[np.ndarray]:
@@ -91,7 +89,7 @@ def window(twin, batches: Iterator[np.ndarray], steps: int) -> Callable[[], None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=list(PRESETS), default="mnist")
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda/gpu where present")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per window")
@@ -105,11 +103,11 @@ def main() -> None:
     if args.quick:
         args.steps, args.windows, args.compile = 2, 2, False
 
-    model_cfg = PRESETS[args.dataset]
+    dataset = DATASETS[args.dataset]
+    model_cfg = dataset.preset
     train_cfg = TrainConfig(dataset=args.dataset, batch_size=args.batch_size, device=args.device)
     rng = np.random.default_rng(0)
-    split = rng.integers(0, 256, (TRAIN_SIZES[args.dataset], *IMAGE_SHAPES[args.dataset]),
-                         dtype=np.uint8)
+    split = rng.integers(0, 256, (dataset.train_size, *dataset.image_shape), dtype=np.uint8)
     batch = data.to_float(split[:args.batch_size])
 
     twins = {"torch_eager": TorchTwin(model_cfg, train_cfg),

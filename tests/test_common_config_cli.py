@@ -1,9 +1,17 @@
 import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
 
 import pytest
 
 from vqvae_common import cli, config
 from vqvae_common.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_json_round_trip_keeps_every_field():
@@ -16,7 +24,7 @@ def test_json_round_trip_keeps_every_field():
 
 def test_defaults_are_the_mnist_preset_with_beta_one():
     model, train = cli.parse("torch", [])
-    assert model == config.PRESETS["mnist"]
+    assert model == config.DATASETS["mnist"].preset
     assert (model.in_channels, model.hidden, model.num_codes, model.beta) == (1, 128, 512, 1.0)
     assert train == config.TrainConfig()
 
@@ -48,6 +56,113 @@ def test_train_flags_reach_the_config():
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):
         cli.parse("torch", argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size 0 is out of range: expected 1 to 65536"),
+    (["--lr", "nan"], "--lr nan is out of range: expected 1e-08 to 1.0"),
+    (["--hidden", "5000"], "--hidden 5000 is out of range: expected 1 to 4096"),
+])
+def test_out_of_range_message_names_the_flag_and_its_bounds(argv, message):
+    with pytest.raises(UserError) as error:
+        cli.parse("torch", argv)
+    assert str(error.value) == message
+
+
+def test_every_config_field_is_a_flag_explained_in_help():
+    parser = cli.build_parser("jax")
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    model_fields = {"hidden", "num_codes", "beta", "restart_below"}
+    assert set(actions) == {f.name for f in dataclasses.fields(config.TrainConfig)} | model_fields
+    assert all(action.help for action in actions.values())
+    text = " ".join(parser.format_help().split())
+    assert "None" not in text and "SUPPRESS" not in text
+    assert "(default: 64)" in text  # --batch-size
+    assert "(default: 128 for mnist, 256 for cifar10)" in text  # --hidden, from the presets
+
+
+def test_every_default_lies_within_its_bounds():
+    presets = [d.preset for d in config.DATASETS.values()]
+    for config_class, instances in ((config.TrainConfig, [config.TrainConfig()]),
+                                    (config.ModelConfig, presets)):
+        for field in cli.flag_fields(config_class):
+            if field.metadata["bounds"]:
+                low, high = field.metadata["bounds"]
+                for instance in instances:
+                    value = getattr(instance, field.name)
+                    assert value is None or low <= value <= high, field.name
+
+
+def test_each_preset_takes_its_datasets_channels():
+    for dataset in config.DATASETS.values():
+        assert dataset.preset.in_channels == dataset.image_shape[2]
+    assert config.DATASETS["cifar10"].preset.hidden == 256
+
+
+@pytest.fixture(scope="module")
+def evaluate():
+    spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_config(directory, model, dataset):
+    (directory / "config.json").write_text(
+        config.to_json(model, config.TrainConfig(dataset=dataset)))
+
+
+def test_evaluate_takes_the_dataset_from_the_runs_config(evaluate, tmp_path, monkeypatch):
+    # a second greyscale dataset: the channel count alone can no longer tell
+    monkeypatch.setitem(config.DATASETS, "fashion_mnist", config.Dataset(
+        "fashion_mnist", image_shape=(28, 28, 1), train_size=60_000, test_size=10_000,
+        hidden=128))
+    model = dataclasses.replace(config.DATASETS["mnist"].preset, hidden=16)
+    checkpoint = str(tmp_path / "checkpoint")
+    with pytest.raises(UserError, match="pass --dataset"):
+        evaluate.choose_dataset(None, checkpoint, model)
+    _run_config(tmp_path, model, "fashion_mnist")
+    assert evaluate.choose_dataset(None, checkpoint, model).name == "fashion_mnist"
+    assert evaluate.choose_dataset("mnist", checkpoint, model).name == "mnist"  # --dataset wins
+
+
+def test_evaluate_ignores_a_config_json_of_another_model(evaluate, tmp_path):
+    _run_config(tmp_path, config.DATASETS["cifar10"].preset, "cifar10")
+    mnist_model = config.DATASETS["mnist"].preset
+    checkpoint = str(tmp_path / "model.pt")
+    assert evaluate.trained_on(checkpoint, mnist_model) is None
+    assert evaluate.choose_dataset(None, checkpoint, mnist_model).name == "mnist"
+    (tmp_path / "config.json").write_text(json.dumps(["not", "a", "run"]))
+    assert evaluate.trained_on(checkpoint, mnist_model) is None
+
+
+def test_evaluate_refuses_a_dataset_the_model_cannot_take(evaluate, tmp_path):
+    checkpoint = str(tmp_path / "model.pt")
+    with pytest.raises(UserError, match="3-channel images, mnist has 1"):
+        evaluate.choose_dataset("mnist", checkpoint, config.DATASETS["cifar10"].preset)
+    with pytest.raises(UserError, match="2-channel images"):
+        evaluate.choose_dataset(None, checkpoint, config.ModelConfig(in_channels=2))
+
+
+def _names(requirements):
+    return {re.match(r"[\w.-]+", requirement).group() for requirement in requirements}
+
+
+def test_only_the_make_install_brings_tensorflow():
+    """The README's test command installs '.[test]', which must stay free of TensorFlow (a
+    quarter of a GB, for CI); `make install` adds the 'prepare' extra, which brings it for
+    tfds's first preparation of a dataset."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    tensorflow = {"tensorflow", "tensorflow-cpu"}
+    assert not tensorflow & _names(project["dependencies"] + extras["test"])
+    assert tensorflow == _names(extras["prepare"])
+    if shutil.which("make"):
+        plan = subprocess.run(["make", "-n", "-C", ROOT, "install", "VENV=/nonexistent/venv"],
+                              capture_output=True, text=True, check=True).stdout
+        assert "pip install -e '.[test,prepare]'" in plan
 
 
 def test_main_reports_a_bad_flag_as_one_line(capsys):

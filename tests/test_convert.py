@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from vqvae_common.config import PRESETS, ModelConfig, TrainConfig
+from vqvae_common.config import DATASETS, ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax import convert
@@ -52,7 +52,7 @@ def _assert_bit_identical(expected, actual):
 
 @pytest.mark.parametrize("preset", ["mnist small", "cifar10 small", "mnist"])
 def test_torch_flax_torch_round_trip_is_bit_identical(preset):
-    config = PRESETS["mnist"] if preset == "mnist" else SMALL[preset.split()[0]]
+    config = DATASETS["mnist"].preset if preset == "mnist" else SMALL[preset.split()[0]]
     state_dict = _state_dict(_trained_torch(config).model)
     assert state_dict["encoder.bn1.num_batches_tracked"].dtype == np.int64
     assert state_dict["encoder.bn1.num_batches_tracked"] == 2

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from vqvae_common import config
-from vqvae_common.config import PRESETS, ModelConfig
+from vqvae_common.config import DATASETS, ModelConfig
 from vqvae_jax.model import (VQVAE, BatchNorm, ConvTranspose, ResidualBlock, VectorQuantizer,
                              conv_transpose, nearest_codes)
 
@@ -184,7 +184,7 @@ def test_losses_match_numpy():
 
 @pytest.mark.parametrize("dataset, size, latent", [("mnist", 28, 7), ("cifar10", 32, 8)])
 def test_preset_shapes(dataset, size, latent):
-    config = PRESETS[dataset]
+    config = DATASETS[dataset].preset
     model = VQVAE(config, rngs=nnx.Rngs(0))
     model.eval()
     x = jax.random.uniform(jax.random.key(1), (2, size, size, config.in_channels),
@@ -201,7 +201,7 @@ def test_preset_shapes(dataset, size, latent):
 
 
 def test_initialisers():
-    model = VQVAE(PRESETS["mnist"], rngs=nnx.Rngs(0))
+    model = VQVAE(DATASETS["mnist"].preset, rngs=nnx.Rngs(0))
     convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, (nnx.Conv, ConvTranspose))]
     assert len(convs) == 12
     for conv in convs:
@@ -213,7 +213,7 @@ def test_initialisers():
         # a plain normal, not Flax's truncated default: a truncated normal of this std never
         # exceeds 2.28 std; here ~1.2% of at least 2048 entries lie beyond 2.5 std
         assert (np.abs(w) > 2.5 * xavier).any(), conv
-    k = PRESETS["mnist"].num_codes
+    k = DATASETS["mnist"].preset.num_codes
     codebook = np.asarray(model.quantizer.codebook[...])
     assert np.abs(codebook).max() <= 1 / k
     assert codebook.min() < -0.9 / k and codebook.max() > 0.9 / k

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vqvae_common import config
-from vqvae_common.config import PRESETS, ModelConfig
+from vqvae_common.config import DATASETS, ModelConfig
 from vqvae_torch.model import VQVAE, ResidualBlock, VectorQuantizer, nearest_codes
 
 CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
@@ -167,7 +167,7 @@ def test_losses_match_numpy():
 
 @pytest.mark.parametrize("dataset, size, latent", [("mnist", 28, 7), ("cifar10", 32, 8)])
 def test_preset_shapes(dataset, size, latent):
-    config = PRESETS[dataset]
+    config = DATASETS[dataset].preset
     model = VQVAE(config).eval()
     x = torch.rand(2, config.in_channels, size, size) * 2 - 1
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_preset_shapes(dataset, size, latent):
 
 def test_initialisers():
     torch.manual_seed(0)
-    model = VQVAE(PRESETS["mnist"])
+    model = VQVAE(DATASETS["mnist"].preset)
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     assert len(convs) == 12
     for conv in convs:
@@ -193,7 +193,7 @@ def test_initialisers():
         receptive = w[0, 0].numel()
         xavier = math.sqrt(2.0 / ((w.shape[0] + w.shape[1]) * receptive))
         assert w.std().item() == pytest.approx(xavier, rel=0.1), conv
-    k = PRESETS["mnist"].num_codes
+    k = DATASETS["mnist"].preset.num_codes
     codebook = model.quantizer.codebook
     assert codebook.abs().max().item() <= 1 / k
     assert codebook.min().item() < -0.9 / k and codebook.max().item() > 0.9 / k

@@ -73,7 +73,7 @@ def test_short_training_run_writes_every_artifact(tmp_path, real_data_dir, frame
     assert run.returncode == 0, run.stderr[-2000:]
 
     model_cfg, train_cfg = config.from_json((out / "config.json").read_text())
-    assert model_cfg == config.PRESETS["mnist"] and train_cfg.max_steps == 30
+    assert model_cfg == config.DATASETS["mnist"].preset and train_cfg.max_steps == 30
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in records if r["split"] == "train"}

@@ -1,18 +1,20 @@
 """The one command line both train_torch.py and train_jax.py accept, and the main() wrapper
-that turns a UserError into one line on stderr and exit status 2."""
+that turns a UserError into one line on stderr and exit status 2.
+
+The flags are the fields of TrainConfig and ModelConfig that carry flag metadata
+(vqvae_common.config.flag): name, type, default, help and bounds come from there alone.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
 import sys
-from typing import Callable, NoReturn, Sequence
+import typing
+from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
 from vqvae_common.errors import UserError
-
-_DEFAULT = cfg.TrainConfig()
-_MODEL = cfg.ModelConfig()
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -22,71 +24,83 @@ class UserErrorParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class InBounds(argparse.Action):
+    """Stores a flag's value; a UserError when it is not finite or not in [low, high]."""
+
+    def __init__(self, option_strings: list[str], dest: str,
+                 bounds: tuple[float, float], **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.bounds = bounds
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 value: Any, option_string: str | None = None) -> None:
+        low, high = self.bounds
+        if not (math.isfinite(value) and low <= value <= high):
+            raise UserError(f"{self.option_strings[0]} {value} is out of range: "
+                            f"expected {low} to {high}")
+        setattr(namespace, self.dest, value)
+
+
+def flag_fields(config_class: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are command-line flags."""
+    return [f for f in dataclasses.fields(config_class) if "help" in f.metadata]
+
+
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_class: type,
+             name: str, option: str | None = None, default: Any = dataclasses.MISSING,
+             default_text: str | None = None) -> None:
+    """Add the flag of `config_class`'s field `name` (as `option`, by default --field-name),
+    with the field's type, default, help, choices and bounds. `default` and `default_text`
+    replace the field's default and how `--help` shows it."""
+    field = next(f for f in flag_fields(config_class) if f.name == name)
+    help_text, bounds = field.metadata["help"], field.metadata["bounds"]
+    option = option or "--" + name.replace("_", "-")
+    kind = typing.get_type_hints(config_class)[name]
+    if kind is bool:
+        parser.add_argument(option, dest=name, action="store_true", help=help_text)
+        return
+    default = field.default if default is dataclasses.MISSING else default
+    shown = default_text or (None if default in (None, argparse.SUPPRESS) else default)
+    if shown is not None:  # a None default is explained by the help text itself
+        help_text += f" (default: {shown})"
+    value_type = next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
+    choices = field.metadata["choices"]
+    metavar = None if choices else option.lstrip("-").replace("-", "_").upper()
+    in_bounds = {"action": InBounds, "bounds": bounds} if bounds else {}
+    parser.add_argument(option, dest=name, type=value_type, default=default, metavar=metavar,
+                        choices=choices, help=help_text, **in_bounds)
+
+
+def _preset_defaults(name: str) -> str:
+    """How --help shows a model flag's default: the presets' value, or each preset's."""
+    values = {d.name: getattr(d.preset, name) for d in cfg.DATASETS.values()}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{value} for {dataset}" for dataset, value in values.items())
+
+
 def build_parser(framework: str) -> argparse.ArgumentParser:
     p = UserErrorParser(
         prog=f"train_{framework}.py",
         description=f"Train a VQ-VAE (van den Oord et al. 2017) in {framework} on MNIST or "
                     "CIFAR-10. Writes config.json, metrics.jsonl, TensorBoard events, a "
-                    "checkpoint, reconstruction.png and interpolation.gif into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=cfg.DATASETS, default=_DEFAULT.dataset,
-                   help="dataset and model preset (mnist: D=128, cifar10: D=256)")
-    p.add_argument("--data-dir", default=None,
-                   help="tfds data directory holding the prepared dataset "
-                        "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
-    p.add_argument("--epochs", type=int, default=_DEFAULT.epochs)
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps (smoke runs)")
-    p.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size)
-    p.add_argument("--eval-batch-size", type=int, default=_DEFAULT.eval_batch_size)
-    p.add_argument("--lr", type=float, default=_DEFAULT.lr, help="Adam learning rate")
-    p.add_argument("--beta", type=float, default=argparse.SUPPRESS,
-                   help=f"commitment weight (default {_MODEL.beta} as the seed; the paper "
-                        f"uses 0.25)")
-    p.add_argument("--num-codes", type=int, default=argparse.SUPPRESS,
-                   help=f"codebook size K (default {_MODEL.num_codes})")
-    p.add_argument("--hidden", type=int, default=argparse.SUPPRESS,
-                   help="hidden and embedding width D (default: the preset's)")
-    p.add_argument("--restart-below", type=float, default=argparse.SUPPRESS,
-                   help="after each step, move a code onto an encoder output of the batch "
-                        "when its moving-average share of the vectors is below this fraction "
-                        f"of the uniform share 1/K (default {_MODEL.restart_below}; the first "
-                        "step so re-initialises the codebook from data); 0 never restarts, "
-                        "as in the paper")
-    p.add_argument("--seed", type=int, default=_DEFAULT.seed)
-    p.add_argument("--out", default=_DEFAULT.out, help="output directory")
-    p.add_argument("--device", default=_DEFAULT.device,
-                   help="auto (an accelerator when present), cpu, cuda or gpu")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint in --out")
-    p.add_argument("--log-every", type=int, default=_DEFAULT.log_every,
-                   help="steps between logged metrics (the only host syncs)")
-    p.add_argument("--checkpoint-every", type=int, default=_DEFAULT.checkpoint_every,
-                   help="steps between checkpoints (one is also written each epoch)")
+                    "checkpoint, reconstruction.png and interpolation.gif into --out.")
+    training = p.add_argument_group("training")
+    for field in flag_fields(cfg.TrainConfig):
+        add_flag(training, cfg.TrainConfig, field.name)
+    model = p.add_argument_group("model", "a flag left out takes the dataset's preset")
+    for field in flag_fields(cfg.ModelConfig):
+        add_flag(model, cfg.ModelConfig, field.name, default=argparse.SUPPRESS,
+                 default_text=_preset_defaults(field.name))
     return p
-
-
-_BOUNDS = {  # flag: (low, high), inclusive; an absurd value is as wrong as a negative one
-    "epochs": (1, 100_000), "max_steps": (1, 10**9), "batch_size": (1, 65_536),
-    "eval_batch_size": (1, 65_536), "lr": (1e-8, 1.0), "beta": (0.0, 100.0),
-    "restart_below": (0.0, 0.5),
-    "num_codes": (1, 1 << 20), "hidden": (1, 4096), "seed": (0, 2**32 - 1),
-    "log_every": (1, 10**9), "checkpoint_every": (1, 10**9),
-}
 
 
 def parse(framework: str, argv: Sequence[str] | None = None
           ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
     args = vars(build_parser(framework).parse_args(argv))
-    for name, (low, high) in _BOUNDS.items():
-        value = args.get(name)
-        if value is not None and not (math.isfinite(value) and low <= value <= high):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {value} is out of range: expected {low} to {high}")
-    preset = cfg.PRESETS[args["dataset"]]
-    model_flags = {k: args.pop(k) for k in ("hidden", "num_codes", "beta", "restart_below")
-                   if k in args}  # absent unless given: the preset's value stands
-    model = dataclasses.replace(preset, **model_flags)
+    model_flags = {f.name: args.pop(f.name) for f in flag_fields(cfg.ModelConfig)
+                   if f.name in args}  # absent unless given: the preset's value stands
+    model = dataclasses.replace(cfg.DATASETS[args["dataset"]].preset, **model_flags)
     return model, cfg.TrainConfig(**args)
 
 

@@ -1,6 +1,8 @@
-"""Model and training configuration, the dataset presets, and their JSON form.
+"""Model and training configuration, one record per dataset, and their JSON form.
 
-Every default lives here once; both twins and both entry points read them from here.
+Every default lives here once. Each field that is a command-line flag (`--batch-size` for
+`batch_size`) carries its help and inclusive bounds in its metadata (see `flag`), and
+vqvae_common.cli builds both trainers' parser from these fields alone.
 """
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import json
 from typing import Any
 
 from vqvae_common.errors import UserError
-
-DATASETS = ("mnist", "cifar10")
 
 # The quantizer computes its (N, K) distances in blocks of at most this many entries (64 MiB
 # of float32), so that memory stays linear in N whatever N * K is.
@@ -22,6 +22,15 @@ def distance_block_rows(num_codes: int) -> int:
     return max(1, DISTANCE_BLOCK // num_codes)
 
 
+def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    """A config field that is also a command-line flag: its default, its `--help` line, and
+    the inclusive (low, high) its value must lie in (an absurd value is as wrong as a
+    negative one)."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "bounds": bounds, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta, and
@@ -30,39 +39,73 @@ class ModelConfig:
     restart_below: a code is dead when its moving-average share of the encoder vectors falls
         below restart_below / K (1/K is the uniform share); 0 never restarts (the paper).
     usage_decay: the decay of that moving average, one update per training step.
+
+    The flags' defaults are the dataset's preset (Dataset.preset), not these.
     """
 
     in_channels: int = 1
-    hidden: int = 128
-    num_codes: int = 512
-    beta: float = 1.0
-    restart_below: float = 0.01
+    hidden: int = flag(128, "hidden and embedding width D", (1, 4096))
+    num_codes: int = flag(512, "codebook size K", (1, 1 << 20))
+    beta: float = flag(1.0, "commitment weight; the paper uses 0.25, the original "
+                            "repository 1.0", (0.0, 100.0))
+    restart_below: float = flag(
+        0.01, "after each step, move a code onto an encoder output of the batch when its "
+              "moving-average share of the vectors is below this fraction of the uniform "
+              "share 1/K (so the first step re-initialises the codebook from data); 0 never "
+              "restarts, as in the paper", (0.0, 0.5))
     usage_decay: float = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A tfds dataset this project trains on: its images' (H, W, C), its split sizes, and
+    the model preset for it (D; C follows from the images)."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    train_size: int
+    test_size: int
+    hidden: int
+
+    @property
+    def preset(self) -> ModelConfig:
+        return ModelConfig(in_channels=self.image_shape[2], hidden=self.hidden)
+
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    Dataset("mnist", image_shape=(28, 28, 1), train_size=60_000, test_size=10_000, hidden=128),
+    Dataset("cifar10", image_shape=(32, 32, 3), train_size=50_000, test_size=10_000,
+            hidden=256),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 64
-    eval_batch_size: int = 500
-    lr: float = 3e-4
-    seed: int = 0
-    out: str = "runs/latest"
-    device: str = "auto"
-    resume: bool = False
-    log_every: int = 50
-    checkpoint_every: int = 500
+    """How to train: every field is a flag of train_torch.py and train_jax.py."""
 
-
-PRESETS: dict[str, ModelConfig] = {
-    "mnist": ModelConfig(in_channels=1, hidden=128),
-    "cifar10": ModelConfig(in_channels=3, hidden=256),
-}
-
-IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+    dataset: str = flag("mnist", "dataset, and the model preset for it",
+                        choices=tuple(DATASETS))
+    data_dir: str | None = flag(None, "tfds data directory holding the prepared dataset, or "
+                                      "where to prepare it (default: $TFDS_DATA_DIR, else "
+                                      "~/tensorflow_datasets)")
+    epochs: int = flag(10, "passes over the training split, each ending with an evaluation "
+                           "on the test split", (1, 100_000))
+    max_steps: int | None = flag(None, "stop after this many optimizer steps, mid-epoch if "
+                                       "need be, as smoke runs do (default: no limit)",
+                                 (1, 10**9))
+    batch_size: int = flag(64, "training images per optimizer step", (1, 65_536))
+    eval_batch_size: int = flag(500, "test images per forward pass when evaluating: it sets "
+                                     "the memory used, not the results", (1, 65_536))
+    lr: float = flag(3e-4, "Adam learning rate", (1e-8, 1.0))
+    seed: int = flag(0, "random seed of the initial weights and of the data order",
+                     (0, 2**32 - 1))
+    out: str = flag("runs/latest", "output directory")
+    device: str = flag("auto", "auto (an accelerator when present), cpu, cuda or gpu")
+    resume: bool = flag(False, "continue from the checkpoint in --out")
+    log_every: int = flag(50, "steps between logged metrics, the only host syncs",
+                          (1, 10**9))
+    checkpoint_every: int = flag(500, "steps between checkpoints; one is also written at "
+                                      "each epoch's end", (1, 10**9))
 
 
 def model_config(raw: Any) -> ModelConfig:

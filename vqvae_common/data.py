@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from vqvae_common.config import DATASETS, IMAGE_SHAPES
+from vqvae_common.config import DATASETS
 from vqvae_common.errors import UserError
 
 _DOWNLOAD_HOST = ("storage.googleapis.com", 443)
@@ -52,9 +52,9 @@ def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
     except (OSError, RuntimeError, ValueError, NotImplementedError) as e:
         raise UserError(f"cannot read {name}/{split} from {root} (is it damaged? prepare it "
                         f"again): {e}") from e
-    if images.shape[1:] != IMAGE_SHAPES[name]:
+    if images.shape[1:] != DATASETS[name].image_shape:
         raise UserError(f"{name}/{split} in {root} has images of shape {images.shape[1:]}, "
-                        f"expected {IMAGE_SHAPES[name]}")
+                        f"expected {DATASETS[name].image_shape}")
     return images
 
 

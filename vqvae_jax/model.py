@@ -221,8 +221,8 @@ def conv(in_features: int, out_features: int, kernel: int, stride: int, padding:
 
 
 class ResidualBlock(nnx.Module):
-    """x + F(x) with F = ReLU, Conv3x3, BN, ReLU, Conv1x1, BN: the plain residual (the seed's
-    in-place ReLU made its skip carry relu(x); this skip carries x)."""
+    """x + F(x) with F = ReLU, Conv3x3, BN, ReLU, Conv1x1, BN: the plain residual (the seed
+    model's in-place ReLU made its skip carry relu(x); this skip carries x)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
         self.conv1 = conv(dim, dim, 3, 1, 1, rngs)

@@ -85,8 +85,8 @@ def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     codebook_sq = codebook.pow(2).sum(1)
     rows = distance_block_rows(len(codebook))
     # ||e||^2 - 2 z.e in one buffer, then ||z||^2 added in place. The norm, not
-    # block.pow(2).sum(1): its (rows, D) temporary per block was held by the allocator,
-    # 1 GiB over 4,096 blocks (bench/quantizer.py, K = 65,536, N = 1M).
+    # block.pow(2).sum(1), whose (rows, D) temporary per block the allocator keeps: 1 GiB
+    # over 4,096 blocks at K = 65,536, N = 1M (bench/quantizer.py).
     return torch.cat([
         torch.addmm(codebook_sq, block, codebook.t(), alpha=-2)
         .add_(torch.linalg.vector_norm(block, dim=1, keepdim=True).square_()).argmin(1)
