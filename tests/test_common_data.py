@@ -169,3 +169,28 @@ def test_real_cifar10_test_split(real_data_dir):
     images = data.load("cifar10", "test", real_data_dir("cifar10"))
     assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
     np.testing.assert_allclose(images.reshape(-1, 3).mean(0), [126.0, 123.7, 114.8], atol=1.0)
+
+
+def test_a_decoded_split_is_cached_and_read_back_without_decoding(real_data_dir, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    decoded = data.load("mnist", "test", real_data_dir("mnist"))
+    (cached,) = (tmp_path / "vqvae_twins").iterdir()
+    assert cached.name.startswith("mnist-test-") and cached.suffix == ".npy"
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data, "_decode", no_decoding)
+    np.testing.assert_array_equal(data.load("mnist", "test", real_data_dir("mnist")), decoded)
+
+
+def test_a_cut_short_or_unwritable_cache_only_costs_a_decode(real_data_dir, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    decoded = data.load("mnist", "test", real_data_dir("mnist"))
+    (cached,) = (tmp_path / "vqvae_twins").iterdir()
+    cached.write_bytes(cached.read_bytes()[:1000])  # a copy cut short
+    np.testing.assert_array_equal(data.load("mnist", "test", real_data_dir("mnist")), decoded)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/vqvae-cannot-write-here")
+    np.testing.assert_array_equal(data.load("mnist", "test", real_data_dir("mnist")), decoded)
