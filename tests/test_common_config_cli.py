@@ -158,7 +158,7 @@ def test_only_the_make_install_brings_tensorflow():
     extras = project["optional-dependencies"]
     tensorflow = {"tensorflow", "tensorflow-cpu"}
     assert not tensorflow & _names(project["dependencies"] + extras["test"])
-    assert tensorflow == _names(extras["prepare"])
+    assert tensorflow <= _names(extras["prepare"])
     if shutil.which("make"):
         plan = subprocess.run(["make", "-n", "-C", ROOT, "install", "VENV=/nonexistent/venv"],
                               capture_output=True, text=True, check=True).stdout
