@@ -1,3 +1,4 @@
+import logging
 import os
 import time
 
@@ -91,6 +92,13 @@ def test_missing_data_offline_fails_fast(monkeypatch, tmp_path):
         data.load("mnist", "test", str(tmp_path))
     assert time.perf_counter() - start < 3.0
     assert "TFDS_DATA_DIR" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_missing_data_logs_nothing_before_the_one_line_message(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(data, "_online", lambda *args: False)
+    with pytest.raises(UserError):
+        data.load("mnist", "test", str(tmp_path))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_missing_data_via_env_var(monkeypatch, tmp_path):

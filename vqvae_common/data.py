@@ -49,7 +49,7 @@ def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
     if os.path.isdir(root) and not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"data directory {root} is not readable")
     builder = tfds.builder(name, data_dir=root)
-    if not builder.is_prepared():
+    if not _quietly(builder.is_prepared):
         _prepare(builder, name, root)
     cache = _cache_path(builder.data_dir, name, split)
     images = _read_cache(cache)
@@ -60,6 +60,19 @@ def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
         raise UserError(f"{name}/{split} in {root} has images of shape {images.shape[1:]}, "
                         f"expected {DATASETS[name].image_shape}")
     return images
+
+
+def _quietly(make):
+    """make(), with absl's warnings off: asking whether a dataset is prepared logs one when it
+    is not ("Variant folder ... has no dataset_info.json"), ahead of our one-line message."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return make()
+    finally:
+        logging.set_verbosity(level)
 
 
 def _decode(tfds, name: str, split: str, root: str) -> np.ndarray:
