@@ -127,9 +127,9 @@ def converted(tmp_path_factory):
 
 def test_cli_round_trip_is_bit_identical(tmp_path, converted):
     twin, _, flax_dir = converted
-    meta = jax_checkpoint.read_meta(str(flax_dir))
-    assert meta["step"] == 5 and meta["weights_only"] is True
-    assert meta["model_config"] == dataclasses.asdict(TINY)
+    record = jax_checkpoint.read_record(str(flax_dir))
+    assert record.step == 5 and record.weights_only is True
+    assert record.model_config == TINY
     with pytest.raises(UserError, match="weights only"):  # converted: evaluate, never resume
         JaxTwin(TINY, TrainConfig(device="cpu")).load(str(flax_dir))
 

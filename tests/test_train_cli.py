@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import os
 import subprocess
@@ -28,13 +27,13 @@ def _checkpoint_step(framework, path, model_cfg):
     if framework == "torch":
         from vqvae_torch import checkpoint
 
-        return checkpoint.load(str(path), device="cpu", config=model_cfg)["step"]
+        return checkpoint.load(str(path), device="cpu", config=model_cfg)[0].step
     from vqvae_jax import checkpoint
 
-    meta = checkpoint.read_meta(str(path))
-    assert meta["model_config"] == dataclasses.asdict(model_cfg)
-    assert str(meta["step"]) in os.listdir(path)  # orbax's step folder
-    return meta["step"]
+    record = checkpoint.read_record(str(path))
+    assert record.model_config == model_cfg
+    assert str(record.step) in os.listdir(path)  # orbax's step folder
+    return record.step
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -1,18 +1,22 @@
-"""Checkpoints for the Flax twin, with orbax: a directory of step folders, each written to a
-temporary folder and renamed when complete, so a kill at any moment leaves the last complete
-step loadable. Each step holds the NNX state (model and optimizer) and a JSON record
-{"framework": "jax", "model_config": {...}, "step": int}.
+"""Checkpoints for the Flax twin, with orbax: a directory of step folders. orbax writes each
+step into `STEP.orbax-checkpoint-tmp-*` and renames it to `STEP` once complete, so a kill at
+any moment leaves the last complete step loadable, plus at worst a temporary folder that is
+not a checkpoint (`remove_partial_writes` deletes it). Each step holds the NNX state (model
+and optimizer) and the shared record (vqvae_common.checkpoint_record) as JSON.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import glob
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vqvae_common import checkpoint_record
+from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError
 
@@ -26,6 +30,8 @@ def _manager(path: str) -> ocp.CheckpointManager:
 
 
 def save(path: str, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
+    """Write step `step` ({"state": state, "meta": the JSON record}); older steps beyond the
+    newest KEEP are deleted."""
     try:
         with _manager(path) as manager:
             manager.save(step, args=ocp.args.Composite(
@@ -35,25 +41,43 @@ def save(path: str, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
                         f"the previous checkpoint is kept") from e
 
 
-def read_meta(path: str) -> dict[str, Any]:
-    """The JSON record of the newest complete step, checked to be a Flax checkpoint's."""
+def has_checkpoint(path: str) -> bool:
+    """Whether `path` holds a complete step (a temporary folder is not one)."""
+    if not os.path.isdir(path):
+        return False
+    with _manager(path) as manager:
+        return manager.latest_step() is not None
+
+
+def remove_partial_writes(path: str) -> None:
+    """Delete what saves interrupted by a kill left in `path`: temporary step folders, and
+    the steps beyond the newest KEEP that a save was deleting (perhaps half deleted)."""
+    pattern = os.path.join(glob.escape(path), "*" + ocp.path.atomicity_types.TMP_DIR_SUFFIX + "*")
+    for folder in glob.glob(pattern):
+        shutil.rmtree(folder)
+    if os.path.isdir(path):
+        with _manager(path) as manager:
+            for step in sorted(manager.all_steps())[:-KEEP]:
+                manager.delete(step)
+
+
+def read_record(path: str) -> CheckpointRecord:
+    """The record of the newest complete step, checked to be a Flax checkpoint's."""
     with _reading(path) as (manager, step):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if not isinstance(meta, dict) or meta.get("framework") != "jax":
-        raise UserError(f"{path} is not a Flax checkpoint of this project")
-    return meta
+    # every Flax checkpoint holds an optimizer state (a converted one, a fresh one)
+    return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True)
 
 
-def load(path: str, config: ModelConfig, like: nnx.State) -> tuple[nnx.State, dict[str, Any]]:
-    """The newest complete step's state (shaped like `like`) and its JSON record."""
-    meta = read_meta(path)
-    if meta.get("model_config") != dataclasses.asdict(config):
-        raise UserError(f"{path} holds a model with config {meta.get('model_config')}, "
-                        f"not {dataclasses.asdict(config)}")
+def load(path: str, config: ModelConfig, like: nnx.State) -> tuple[CheckpointRecord, nnx.State]:
+    """The newest complete step's record and state (shaped like `like`), refused unless it
+    holds a model of `config`."""
+    record = read_record(path)
+    record.check_config(config, path)
     with _reading(path) as (manager, step):
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like)))["state"]
-    return state, meta
+    return record, state
 
 
 @contextlib.contextmanager

@@ -76,11 +76,9 @@ def flax_to_torch(model: VQVAE) -> dict[str, np.ndarray]:
 
 
 def _convert(argv: list[str] | None) -> None:
-    import dataclasses
-
     import torch
 
-    from vqvae_common.config import model_config
+    from vqvae_common.checkpoint_record import CheckpointRecord
     from vqvae_jax import checkpoint as jax_checkpoint
     from vqvae_jax.train import create
     from vqvae_torch import checkpoint as torch_checkpoint
@@ -96,20 +94,20 @@ def _convert(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
 
     if args.from_torch:
-        payload = torch_checkpoint.load(args.from_torch, torch.device("cpu"))
-        config = model_config(payload["model_config"])
-        model, optimizer = create(config, lr=1e-3, seed=0)
+        record, payload = torch_checkpoint.load(args.from_torch, torch.device("cpu"))
+        model, optimizer = create(record.model_config, lr=1e-3, seed=0)
         torch_to_flax({k: v.numpy() for k, v in payload["model"].items()}, model)
-        jax_checkpoint.save(args.out, payload["step"], nnx.state((model, optimizer)), {
-            "framework": "jax", "model_config": dataclasses.asdict(config),
-            "step": payload["step"], "weights_only": True})
+        converted = CheckpointRecord("jax", record.model_config, record.step, weights_only=True)
+        jax_checkpoint.save(args.out, record.step, nnx.state((model, optimizer)),
+                            converted.to_dict())
     else:
-        config = model_config(jax_checkpoint.read_meta(args.from_jax)["model_config"])
+        config = jax_checkpoint.read_record(args.from_jax).model_config
         model, optimizer = create(config, lr=1e-3, seed=0)
-        state, meta = jax_checkpoint.load(args.from_jax, config, nnx.state((model, optimizer)))
+        record, state = jax_checkpoint.load(args.from_jax, config, nnx.state((model, optimizer)))
         nnx.update((model, optimizer), state)
+        converted = CheckpointRecord("torch", config, record.step, weights_only=True)
         torch_checkpoint.save(args.out, {
-            "framework": "torch", "model_config": dataclasses.asdict(config), "step": meta["step"],
+            **converted.to_dict(),
             "model": {k: torch.tensor(v) for k, v in flax_to_torch(model).items()}})
     print(f"wrote {args.out}")
 

@@ -7,7 +7,6 @@ loop fetches them at its logging cadence.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,7 +14,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vqvae_common.config import ModelConfig, TrainConfig, model_config
+from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint
 from vqvae_jax.model import VQVAE
@@ -74,6 +74,8 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.
 
 class JaxTwin:
     checkpoint_name = "checkpoint"
+    has_checkpoint = staticmethod(checkpoint.has_checkpoint)
+    remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         self.device = select_device(train_cfg.device)
@@ -89,9 +91,8 @@ class JaxTwin:
     def from_checkpoint(cls, path: str, device: str = "auto") -> "JaxTwin":
         """The model saved in `path` (any Flax checkpoint of this project, converted ones
         included), ready to evaluate."""
-        config = model_config(checkpoint.read_meta(path)["model_config"])
-        twin = cls(config, TrainConfig(device=device))
-        twin.state, _ = checkpoint.load(path, config, twin.state)
+        twin = cls(checkpoint.read_record(path).model_config, TrainConfig(device=device))
+        _, twin.state = checkpoint.load(path, twin.config, twin.state)
         return twin
 
     def _put(self, batch: np.ndarray) -> jax.Array:
@@ -115,13 +116,11 @@ class JaxTwin:
         return np.asarray(self._decode(self.state, self._put(latents)))
 
     def save(self, path: str, step: int) -> None:
-        checkpoint.save(path, step, self.state, {
-            "framework": "jax", "model_config": dataclasses.asdict(self.config), "step": step})
+        record = CheckpointRecord("jax", self.config, step)
+        checkpoint.save(path, step, self.state, record.to_dict())
 
     def load(self, path: str) -> int:
-        state, meta = checkpoint.load(path, self.config, self.state)
-        if meta.get("weights_only"):
-            raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
-                            f"evaluated but not resumed")
+        record, state = checkpoint.load(path, self.config, self.state)
+        record.check_resumable(path)
         self.state = state
-        return int(meta["step"])
+        return record.step

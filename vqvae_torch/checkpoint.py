@@ -1,13 +1,15 @@
 """Checkpoint files for the PyTorch twin: written atomically, read without executing code.
 
-A checkpoint is one `torch.save` archive of tensors and plain Python values:
-{"framework": "torch", "model_config": {...}, "step": int, "model": state_dict,
-"optimizer": state_dict}. It is loaded with `weights_only=True`, so a crafted pickle that
-would run code is refused.
+A checkpoint is one `torch.save` archive of tensors and plain Python values: the shared
+record (vqvae_common.checkpoint_record: framework "torch", model_config, step, weights_only),
+"model": state_dict and, unless weights-only, "optimizer": state_dict. It is written to a
+temporary file and renamed (vqvae_common.atomic), so a kill at any moment leaves the previous
+file whole. It is loaded with `weights_only=True`, so a crafted pickle that would run code is
+refused.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
 import pickle
 import zipfile
@@ -15,41 +17,46 @@ from typing import Any
 
 import torch
 
+from vqvae_common import atomic, checkpoint_record
+from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError
 
 
 def save(path: str, payload: dict[str, Any]) -> None:
-    """Write to `path`.tmp, fsync, then rename: a kill at any moment leaves the old file."""
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(payload, f)  # a file, not a path: errors are then OSErrors
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                         f"the previous checkpoint is kept") from e
 
 
-def load(path: str, device: torch.device, config: ModelConfig | None = None) -> dict[str, Any]:
-    """The checkpoint's payload, after checking it is a PyTorch one (of `config`, if given)."""
+def has_checkpoint(path: str) -> bool:
+    """Whether `path` holds a complete checkpoint (a write in progress is another file)."""
+    return os.path.isfile(path)
+
+
+def remove_partial_writes(path: str) -> None:
+    """Delete the temporary file that a save interrupted by a kill left beside `path`."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path + atomic.SUFFIX)
+
+
+def load(path: str, device: torch.device, config: ModelConfig | None = None
+         ) -> tuple[CheckpointRecord, dict[str, Any]]:
+    """The checkpoint's record and payload, refused unless it is a PyTorch one (of `config`,
+    if given)."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as e:
         raise UserError(f"cannot load {path}: not a PyTorch checkpoint of this project, "
                         f"or truncated/corrupt ({type(e).__name__})") from e
-    if not isinstance(payload, dict) or payload.get("framework") != "torch" or not {
-            "model_config", "step", "model"} <= payload.keys():
-        found = payload.get("framework") if isinstance(payload, dict) else None
-        raise UserError(f"{path} is a {found or 'foreign'} checkpoint, not a PyTorch one; "
-                        f"convert it first (python -m vqvae_jax.convert)")
-    saved = payload.get("model_config")
-    if config is not None and saved != dataclasses.asdict(config):
-        raise UserError(f"{path} holds a model with config {saved}, "
-                        f"not {dataclasses.asdict(config)}")
-    return payload
+    holds_optimizer = isinstance(payload, dict) and "optimizer" in payload
+    record = checkpoint_record.read_record(payload, path, "torch", holds_optimizer)
+    if "model" not in payload:
+        raise UserError(f"{path} holds no model weights: truncated or corrupt")
+    if config is not None:
+        record.check_config(config, path)
+    return record, payload

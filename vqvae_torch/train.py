@@ -2,13 +2,13 @@
 and the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_jax/train.py."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
 import torch
 
-from vqvae_common.config import ModelConfig, TrainConfig, model_config
+from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_torch import checkpoint
 from vqvae_torch.model import VQVAE
@@ -60,6 +60,8 @@ def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, batch: torch.Tens
 
 class TorchTwin:
     checkpoint_name = "checkpoint.pt"
+    has_checkpoint = staticmethod(checkpoint.has_checkpoint)
+    remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         self.device = select_device(train_cfg.device)
@@ -73,8 +75,8 @@ class TorchTwin:
     def from_checkpoint(cls, path: str, device: str = "auto") -> "TorchTwin":
         """The model saved in `path` (any PyTorch checkpoint of this project, converted ones
         included), ready to evaluate."""
-        payload = checkpoint.load(path, select_device(device))
-        twin = cls(model_config(payload["model_config"]), TrainConfig(device=device))
+        record, payload = checkpoint.load(path, select_device(device))
+        twin = cls(record.model_config, TrainConfig(device=device))
         twin._load_weights(path, payload["model"])
         return twin
 
@@ -109,16 +111,13 @@ class TorchTwin:
         return to_numpy(self.model.decoder(z_q))
 
     def save(self, path: str, step: int) -> None:
-        checkpoint.save(path, {
-            "framework": "torch", "model_config": dataclasses.asdict(self.config),
-            "step": step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict()})
+        record = CheckpointRecord("torch", self.config, step)
+        checkpoint.save(path, {**record.to_dict(), "model": self.model.state_dict(),
+                               "optimizer": self.optimizer.state_dict()})
 
     def load(self, path: str) -> int:
-        payload = checkpoint.load(path, self.device, self.config)
-        if "optimizer" not in payload:
-            raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
-                            f"evaluated but not resumed")
+        record, payload = checkpoint.load(path, self.device, self.config)
+        record.check_resumable(path)
         self._load_weights(path, payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        return int(payload["step"])
+        return record.step
