@@ -1,106 +1,216 @@
-"""Interruptions, resume, determinism, the NaN guard and checkpoint writes, in both twins.
+"""Interruptions, resume, determinism, the NaN guard, the run lock and checkpoint writes.
 
-Whole training processes run on tfds's mock data (tests/mock_train.py) so that they can be
-killed and resumed in seconds."""
+Whole training processes of both twins run on tfds's mock data (tests/mock_train.py) and are
+killed or signalled at chosen instants by hooks installed there (MOCK_TRAIN_SIGNALS), so
+every instant is hit on every run, however loaded the machine."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from vqvae_common import atomic, loop
 from vqvae_common import config as cfg
-from vqvae_common import loop
 from vqvae_common.errors import UserError
+from vqvae_common.run_lock import RunLock
+from vqvae_common.stop_signals import Stopped
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--hidden", "16", "--num-codes", "32", "--batch-size", "16", "--epochs", "4",
-         "--log-every", "4", "--checkpoint-every", "8", "--eval-batch-size", "256",
-         "--seed", "3"]  # 512 mock images: 32 steps an epoch, 128 in all
-TOTAL_STEPS = 128
-LOSS_TERMS = ("loss", "recon", "codebook", "commitment")
+SMALL = ["--hidden", "16", "--num-codes", "32", "--batch-size", "64", "--epochs", "2",
+         "--log-every", "2", "--checkpoint-every", "3", "--eval-batch-size", "256",
+         "--seed", "3"]  # 256 mock images: 4 steps an epoch, 8 in all
+TOTAL_STEPS = 8
+LOGGED_STEPS = [2, 3, 4, 6, 8]  # every 2nd, every checkpoint, each epoch's end
 CHECKPOINTS = {"torch": "checkpoint.pt", "jax": "checkpoint"}
+PICTURES = ("reconstruction.png", "interpolation.gif", "loss_curves.png")
+KILLED = -signal.SIGKILL
 
 
-def train(framework: str, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "mock_train.py"), framework,
-                             *SMALL, "--out", str(out), *extra], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@dataclasses.dataclass
+class Run:
+    returncode: int
+    stderr: str
 
 
-def finish(process: subprocess.Popen) -> None:
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-2000:]
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    """train(framework, out, *flags, signals="") -> Run: one training process on mock data,
+    stopped as `signals` asks (see tests/mock_train.py). Each is forked from a server that
+    has imported both twins once; torch runs on one thread, JAX keeps its compiled code on
+    disk."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache"))}
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "mock_train.py"), "--serve"],
+                              cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+
+    def run(framework: str, out: Path, *flags: str, signals: str = "") -> Run:
+        request = {"framework": framework, "signals": signals,
+                   "argv": [*SMALL, "--out", str(out), *flags]}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+        assert line, "the mock_train server died"
+        answer = json.loads(line)
+        return Run(answer["status"], answer["stderr"])
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
-def train_losses(out: Path) -> dict[int, tuple[float, ...]]:
+def finished(run: Run) -> None:
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def rows(out: Path) -> list[dict]:
+    """metrics.jsonl without the timings."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: tuple(r[k] for k in LOSS_TERMS) for r in records if r["split"] == "train"}
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
 
 
-def logged_step(out: Path) -> int:
-    try:
-        return max(train_losses(out), default=0)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
+def tensorboard_scalars(out: Path) -> list[tuple[str, int, float]]:
+    """Every scalar in every TensorBoard event file (TFRecord framing: length, its CRC, the
+    Event, the Event's CRC), timings left out."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in (out / "tensorboard").iterdir():
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                        if not v.tag.endswith("images_per_s")]
+    return sorted(scalars)
+
+
+def checkpoint_step(framework: str, out: Path) -> int | None:
+    """The step of the newest complete checkpoint in `out`, after reading it back; None if
+    there is none."""
+    path = str(out / CHECKPOINTS[framework])
+    if framework == "torch":
+        from vqvae_torch import checkpoint
+
+        return checkpoint.load(path, "cpu")[0].step if checkpoint.has_checkpoint(path) else None
+    from vqvae_jax import checkpoint
+
+    return checkpoint.read_record(path).step if checkpoint.has_checkpoint(path) else None
+
+
+def checkpoint_arrays(framework: str, out: Path) -> dict[str, np.ndarray]:
+    """Every array of the checkpoint, model and optimizer state, by name."""
+    model_cfg, train_cfg = cfg.from_json((out / "config.json").read_text())
+    if framework == "torch":
+        import torch
+
+        payload = torch.load(out / "checkpoint.pt", weights_only=True)
+        flat = {f"model.{k}": v.numpy() for k, v in payload["model"].items()}
+        for index, state in payload["optimizer"]["state"].items():
+            flat.update({f"adam.{index}.{k}": v.numpy() for k, v in state.items()})
+        return flat
+    import jax
+
+    from vqvae_jax import checkpoint
+    from vqvae_jax.train import JaxTwin
+
+    like = JaxTwin(model_cfg, cfg.TrainConfig(device="cpu", lr=train_cfg.lr)).state
+    _, state = checkpoint.load(str(out / "checkpoint"), model_cfg, like)
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def layout(out: Path) -> list[str]:
+    """The names in `out` and in its checkpoint folder (orbax's step folders)."""
+    names = [p.name for p in out.iterdir()]
+    if (out / "checkpoint").is_dir():
+        names += [f"checkpoint/{p.name}" for p in (out / "checkpoint").iterdir()]
+    return sorted(names)
 
 
 @pytest.fixture(scope="module", params=["torch", "jax"])
-def uninterrupted(request, tmp_path_factory) -> tuple[str, dict[int, tuple[float, ...]]]:
+def uninterrupted(request, train, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"whole-{request.param}")
-    finish(train(request.param, out))
-    return request.param, train_losses(out)
+    finished(train(request.param, out))
+    return request.param, out
 
 
-def test_same_seed_gives_identical_metrics(uninterrupted, tmp_path):
+def test_same_seed_gives_identical_metrics(uninterrupted, train, tmp_path):
     framework, whole = uninterrupted
-    finish(train(framework, tmp_path))
-    assert train_losses(tmp_path) == whole
-    assert len(whole) == TOTAL_STEPS // 4
+    finished(train(framework, tmp_path))
+    assert rows(tmp_path) == rows(whole)
+    assert [r["step"] for r in rows(whole) if r["split"] == "train"] == LOGGED_STEPS
 
 
-def test_sigkill_then_resume_reaches_the_same_losses(uninterrupted, tmp_path):
+# One run's life, stopped again and again. Each entry: the signals for one process (see
+# tests/mock_train.py; SIGKILL unless named), its exit status, and the step of the newest
+# complete checkpoint it leaves. Each process is started the documented way: with --resume
+# once a complete checkpoint exists, else afresh. Checkpoints are due after steps 3, 4 (the
+# first epoch's end), 6 and 8 (the end).
+LIFE = [
+    ("build:1", KILLED, None),                  # building the model
+    ("step:1", KILLED, None),                   # the first step
+    ("save:1", KILLED, None),                   # inside the first checkpoint write
+    ("step:4", KILLED, 3),                      # mid-epoch, after a checkpoint
+    ("evaluate:1", KILLED, 3),                  # the epoch's evaluation
+    ("write:interpolation.gif:1", KILLED, 3),   # the epoch's artifacts
+    ("save:1", KILLED, 3),                      # inside the epoch's checkpoint write
+    ("step:1:SIGINT,save:1:SIGINT", 130, 3),    # Ctrl-C, and again while that step is saved
+    ("step:2:SIGTERM", 143, 5),                 # SIGTERM: a checkpoint at the step it is in
+    ("write:metrics.jsonl:1", KILLED, 5),       # the start, keeping the rows up to step 5
+    ("write:reconstruction.png:1", KILLED, 6),  # the last epoch's artifacts
+    ("save:1", KILLED, 6),                      # inside the last checkpoint write
+    ("prune:1", KILLED, 8),                     # orbax deleting an old step (Flax only)
+    ("", 0, 8),                                 # the rest of the run
+]
+
+
+def test_a_run_killed_at_any_instant_ends_as_the_uninterrupted_one(uninterrupted, train,
+                                                                     tmp_path):
     framework, whole = uninterrupted
-    process = train(framework, tmp_path)
-    deadline = time.monotonic() + 300
-    while logged_step(tmp_path) < 44 and process.poll() is None:  # past checkpoints 8..40
-        assert time.monotonic() < deadline, "training made no progress"
-        time.sleep(0.02)
-    assert process.poll() is None, "training ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = logged_step(tmp_path)
-    assert killed_at < TOTAL_STEPS
-    finish(train(framework, tmp_path, "--resume"))
-    resumed = train_losses(tmp_path)
-    assert sorted(resumed) == sorted(whole), "resumed run logged other steps"
-    assert resumed == whole  # bit-identical losses, before and after the kill
+    resume: list[str] = []
+    for signals, status, step in LIFE:
+        if signals.startswith("prune") and framework == "torch":
+            continue
+        run = train(framework, tmp_path, *resume, signals=signals)
+        assert run.returncode == status, f"{signals}: {run.stderr[-2000:]}"
+        assert checkpoint_step(framework, tmp_path) == step, signals
+        last_line = run.stderr.splitlines()[-1] if status > 0 else ""
+        if status == 130:
+            assert last_line.startswith("stopped at once by a second SIGINT")
+        if status == 143:
+            assert last_line.startswith(f"stopped by SIGTERM at step {step} of {TOTAL_STEPS}")
+            assert "--resume" in last_line
+        for name in PICTURES:  # old or new, never truncated
+            if (tmp_path / name).exists():
+                Image.open(tmp_path / name).load()
+        if step is None and signals == "save:1":  # the first checkpoint write, cut short
+            refused = train(framework, tmp_path, "--resume")
+            assert refused.returncode == 2
+            assert "no complete checkpoint" in refused.stderr.splitlines()[-1]
+            assert "without --resume" in refused.stderr.splitlines()[-1]
+        resume = ["--resume"] if step is not None else []
 
-
-def test_a_kill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
-    """Kill the torch trainer at many moments while it saves every 2 steps: whatever the
-    moment, the checkpoint on disk loads (no torn file)."""
-    import torch
-
-    from vqvae_torch import checkpoint
-    ckpt = tmp_path / "checkpoint.pt"
-    for delay in np.linspace(0.0, 0.3, 6):
-        process = train("torch", tmp_path, "--checkpoint-every", "2", "--log-every", "2",
-                        *(["--resume"] if ckpt.exists() else []))
-        while not ckpt.exists() and process.poll() is None:
-            time.sleep(0.01)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert ckpt.exists()
-        checkpoint.load(str(ckpt), torch.device("cpu"))  # raises UserError if torn
+    assert rows(tmp_path) == rows(whole)
+    assert tensorboard_scalars(tmp_path) == tensorboard_scalars(whole)
+    expected, actual = checkpoint_arrays(framework, whole), checkpoint_arrays(framework, tmp_path)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    for name in PICTURES:
+        assert (tmp_path / name).read_bytes() == (whole / name).read_bytes(), name
+    assert layout(tmp_path) == layout(whole)  # no leftovers; an interrupted prune finished
 
 
 class FakeTwin:
@@ -108,12 +218,23 @@ class FakeTwin:
 
     checkpoint_name = "fake.json"
     nan_at: int | None = None
+    signal_at: int | None = None
 
     def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> None:
-        self.step, self.k = 0, model_cfg.num_codes
+        self.step, self.config = 0, model_cfg
+
+    @staticmethod
+    def has_checkpoint(path: str) -> bool:
+        return os.path.exists(path)
+
+    @staticmethod
+    def remove_partial_checkpoints(path: str) -> None:
+        pass
 
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         self.step += 1
+        if self.step == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         diverged = self.nan_at is not None and self.step >= self.nan_at  # NaN weights stay NaN
         loss = float("nan") if diverged else 1.0 / self.step
         return {"loss": loss, "recon": loss, "codebook": 0.0, "commitment": 0.0}
@@ -166,6 +287,38 @@ def test_a_nan_between_log_points_is_caught_before_any_save(fake_data, tmp_path,
     assert not (tmp_path / "fake.json").exists()
 
 
+def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(FakeTwin, "signal_at", 6)  # not a logged step, not a checkpoint's
+    handler = signal.getsignal(signal.SIGTERM)
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, log_every=4,
+                                checkpoint_every=100)
+    with pytest.raises(Stopped, match="stopped by SIGTERM at step 6 of 16") as stop:
+        loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    assert stop.value.exit_status == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "fake.json").read_text()) == {"step": 6}
+    assert [r["step"] for r in rows(tmp_path)] == [4]
+
+    monkeypatch.setattr(FakeTwin, "signal_at", None)
+    loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
+    assert [r["step"] for r in rows(tmp_path)] == [4, 8, 12, 16, 16]
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
+
+
+def test_a_second_trainer_on_the_same_out_stops_at_once_and_changes_nothing(fake_data,
+                                                                            tmp_path):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    first = RunLock(str(tmp_path))  # the first trainer, still running
+    try:
+        with pytest.raises(UserError, match=f"in use by another trainer \\(pid {os.getpid()}\\)"):
+            loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
+    finally:
+        first.release()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_full_disk_on_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import torch
 
@@ -181,7 +334,7 @@ def test_a_full_disk_on_checkpoint_write_keeps_the_previous_checkpoint(tmp_path,
         checkpoint.save(path, {"framework": "torch", "step": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
-    assert not os.path.exists(path + ".tmp")
+    assert not os.path.exists(path + atomic.SUFFIX)
 
 
 def test_an_unwritable_output_directory_is_one_clear_error(tmp_path):

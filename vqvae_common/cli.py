@@ -15,6 +15,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
 from vqvae_common.errors import UserError
+from vqvae_common.stop_signals import Stopped
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -110,15 +111,18 @@ def one_line(error: Exception) -> str:
 
 
 def report_errors(run: Callable[[], object]) -> int:
-    """Call `run`: a UserError becomes one line on stderr and exit status 2, Ctrl-C status 130."""
+    """Call `run`: a UserError becomes one line on stderr and exit status 2; a training run
+    stopped by a signal (Stopped) one line and 128 + the signal; any other Ctrl-C, 130."""
     try:
         run()
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(one_line(e), file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -1,11 +1,14 @@
 """Pictures of what the model does: a target|reconstruction grid, a latent-walk GIF, and
-the loss curves of a run."""
+the loss curves of a run. Each file is replaced atomically: a kill while one is written
+leaves the previous picture, never a truncated one."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 from PIL import Image
+
+from vqvae_common import atomic
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -32,7 +35,8 @@ def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, path: str,
         x = gap + (i % pairs_per_row) * (2 * w + gap)
         grid[y:y + h, x:x + w] = t[i]
         grid[y:y + h, x + w:x + 2 * w] = r[i]
-    _pil(grid, scale).save(path)
+    with atomic.replacing(path) as tmp:
+        _pil(grid, scale).save(tmp, format="PNG")
 
 
 def interpolation_latents(z_a: np.ndarray, z_b: np.ndarray, frames: int) -> np.ndarray:
@@ -46,7 +50,9 @@ def interpolation_gif(frames: np.ndarray, path: str, scale: int = 4,
     """Animated GIF that walks forward through `frames` (T, H, W, C in [-1, 1]) and back."""
     pics = [_pil(f, scale) for f in to_uint8(frames)]
     pics = pics + pics[-2:0:-1]
-    pics[0].save(path, save_all=True, append_images=pics[1:], duration=frame_ms, loop=0)
+    with atomic.replacing(path) as tmp:
+        pics[0].save(tmp, format="GIF", save_all=True, append_images=pics[1:],
+                     duration=frame_ms, loop=0)
 
 
 def loss_curves(metrics_path: str, path: str) -> None:
@@ -68,5 +74,6 @@ def loss_curves(metrics_path: str, path: str) -> None:
     quality.plot([r["step"] for r in test], [r["psnr"] for r in test], "o-")
     quality.set(xlabel="step", ylabel="dB", title="test PSNR")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -1,12 +1,21 @@
 """The training loop both twins share. A twin supplies only what depends on its framework.
 
-Bookkeeping done here, once: output directory, resume, the seeded data order, logging
-cadence, images/s, the NaN guard, checkpoint cadence, evaluation on the test split and the
+Bookkeeping done here, once: the output directory, resume, the seeded data order, logging
+cadence, images/s, the NaN guard, checkpoint cadence, evaluation on the test split, the
 artifacts (config.json, metrics.jsonl, TensorBoard events, reconstruction.png,
-interpolation.gif, loss_curves.png).
+interpolation.gif, loss_curves.png) and stopping on SIGTERM or Ctrl-C.
+
+A kill at any instant leaves a run that `--resume` (or, before the first complete checkpoint,
+a fresh start) continues to the uninterrupted run's results, because:
+- one trainer at a time holds --out (run_lock); the next start deletes the temporary files
+  and folders of writes a kill interrupted;
+- every file is replaced atomically (atomic), and each twin writes checkpoints atomically;
+- a checkpoint at step s is written only after every row and artifact of the steps up to s,
+  so resuming from it replays exactly the steps after s: the logbook keeps the rows up to s.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -15,21 +24,39 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from vqvae_common import atomic, data, images, metrics
 from vqvae_common import config as cfg
-from vqvae_common import data, images, metrics
+from vqvae_common.atomic import write_atomic
 from vqvae_common.errors import UserError
 from vqvae_common.logbook import Logbook
+from vqvae_common.run_lock import RunLock
+from vqvae_common.stop_signals import StopSignals, Stopped
 
 INTERPOLATION_FRAMES = 16
 GRID_PAIRS = 32
 
 
 class Twin(Protocol):
-    """What a framework implements for `fit`. Images are NHWC float32 numpy in [-1, 1]."""
+    """What a framework implements for `fit` and evaluate.py. Images are NHWC float32 numpy
+    in [-1, 1]."""
 
     checkpoint_name: str  # file or directory name inside --out
+    config: cfg.ModelConfig
 
     def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> None: ...
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto") -> Twin:
+        """The model saved in `path` (optimizer state not needed), ready to evaluate."""
+
+    @staticmethod
+    def has_checkpoint(path: str) -> bool:
+        """Whether `path` holds a complete checkpoint (what an interrupted write left is not
+        one)."""
+
+    @staticmethod
+    def remove_partial_checkpoints(path: str) -> None:
+        """Delete what checkpoint writes interrupted by a kill left at `path`."""
 
     def train_step(self, batch: np.ndarray) -> Any:
         """One optimizer step; returns the loss terms on the device, not synced."""
@@ -46,11 +73,12 @@ class Twin(Protocol):
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Quantize (B, h, w, D) latents and decode them to images."""
 
-    def save(self, path: str, step: int) -> None: ...
+    def save(self, path: str, step: int) -> None:
+        """Write model and optimizer state atomically: a kill leaves the previous one."""
 
     def load(self, path: str) -> int:
-        """Restore model and optimizer state, refusing a checkpoint of another config;
-        returns the step it was saved at."""
+        """Restore model and optimizer state, refusing a checkpoint of another config or a
+        weights-only one; returns the step it was saved at."""
 
 
 def prepare_out_dir(out: str) -> None:
@@ -60,14 +88,6 @@ def prepare_out_dir(out: str) -> None:
         raise UserError(f"cannot create output directory {out}: {e.strerror}") from e
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"output directory {out} is not writable")
-
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int,
@@ -102,81 +122,185 @@ def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
 def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
         train_cfg: cfg.TrainConfig) -> dict[str, float]:
     """Train, evaluating each epoch; returns the last test-split metrics. `make_twin` is a
-    Twin class: its checkpoint_name is checked before any data is decoded. --out is created
-    only once the data, the device and any checkpoint to resume have passed, so that bad
-    input leaves nothing behind."""
+    Twin class. An --out that exists is locked before anything is read from it; one that
+    does not is created only once the data, the device and any checkpoint to resume have
+    passed, so that bad input leaves nothing behind."""
     out = train_cfg.out
     ckpt = os.path.join(out, make_twin.checkpoint_name)
-    _check_resume(ckpt, train_cfg, out)
-    train_images = data.load(train_cfg.dataset, "train", train_cfg.data_dir)
-    test_images = data.load(train_cfg.dataset, "test", train_cfg.data_dir)
-    per_epoch = data.steps_per_epoch(len(train_images), train_cfg.batch_size)
-    if per_epoch == 0:
-        raise UserError(f"--batch-size {train_cfg.batch_size} is larger than the "
-                        f"{len(train_images)} training images")
-    total = per_epoch * train_cfg.epochs
-    if train_cfg.max_steps is not None:
-        total = min(total, train_cfg.max_steps)
-
-    twin = make_twin(model_cfg, train_cfg)
-    step = twin.load(ckpt) if train_cfg.resume else 0
-    prepare_out_dir(out)
-    write_atomic(os.path.join(out, "config.json"), cfg.to_json(model_cfg, train_cfg))
-
-    logbook = Logbook(out, resume_step=step if train_cfg.resume else None)
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    last_eval: dict[str, float] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    lock = RunLock(out) if os.path.isdir(out) else None
     try:
-        while step < total:
-            epoch, skip = divmod(step, per_epoch)
-            for batch in data.batches(train_images, train_cfg.batch_size, train_cfg.seed,
-                                      epoch, skip):
-                step_metrics = twin.train_step(batch)
-                step += 1
-                window_steps += 1
-                bar.update()
-                checkpoint_due = step % train_cfg.checkpoint_every == 0
-                epoch_done = step % per_epoch == 0 or step == total
-                if step % train_cfg.log_every == 0 or checkpoint_due or epoch_done:
-                    # before every save: a checkpoint never holds non-finite weights
-                    record = _finite_or_stop(twin.fetch(step_metrics), step, ckpt)
-                    elapsed = time.perf_counter() - window_start
-                    record["images_per_s"] = window_steps * train_cfg.batch_size / elapsed
-                    logbook.write({"step": step, "epoch": epoch, **record})
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['recon']:.4f}")
-                    window_start, window_steps = time.perf_counter(), 0
-                if checkpoint_due and not epoch_done:  # the epoch's end saves anyway
-                    twin.save(ckpt, step)
-                if epoch_done:
-                    break
-            last_eval = evaluate(twin, test_images, train_cfg.eval_batch_size,
-                                 model_cfg.num_codes)
-            logbook.write({"step": step, "epoch": epoch, **last_eval}, prefix="test")
-            bar.write(f"epoch {epoch} step {step}: test mse {last_eval['mse']:.5f} "
-                      f"psnr {last_eval['psnr']:.2f} dB ssim {last_eval['ssim']:.3f} "
-                      f"perplexity {last_eval['perplexity']:.1f} "
-                      f"codes used {last_eval['codes_used']:.1%}")
-            twin.save(ckpt, step)
-            write_artifacts(twin, test_images, out)
-            window_start, window_steps = time.perf_counter(), 0
+        with StopSignals() as stop:
+            _check_resume(make_twin, ckpt, train_cfg, out)
+            train_images = data.load(train_cfg.dataset, "train", train_cfg.data_dir)
+            test_images = data.load(train_cfg.dataset, "test", train_cfg.data_dir)
+            schedule = Schedule.of(len(train_images), train_cfg)
+            twin = make_twin(model_cfg, train_cfg)
+            step = twin.load(ckpt) if train_cfg.resume else 0
+            if lock is None:
+                prepare_out_dir(out)
+                lock = RunLock(out)
+            atomic.remove_leftovers(out)
+            make_twin.remove_partial_checkpoints(ckpt)
+            write_atomic(os.path.join(out, "config.json"), cfg.to_json(model_cfg, train_cfg))
+            with Logbook(out, resume_step=step if train_cfg.resume else None) as logbook:
+                run = _Run(twin, train_cfg, test_images, schedule, logbook, stop, ckpt,
+                           saved_step=step if train_cfg.resume else None)
+                stop.defer()
+                return run.train(train_images, step)
     finally:
-        bar.close()
-        logbook.close()
-    return last_eval
+        if lock is not None:
+            lock.release()
 
 
-def _check_resume(ckpt: str, train_cfg: cfg.TrainConfig, out: str) -> None:
-    if train_cfg.resume and not os.path.exists(ckpt):
-        raise UserError(f"--resume: no checkpoint {ckpt} to resume from")
-    if not train_cfg.resume and os.path.exists(ckpt):
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When each thing happens, by step count s (s steps taken so far)."""
+
+    steps_per_epoch: int
+    total: int
+    log_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, num_images: int, train_cfg: cfg.TrainConfig) -> Schedule:
+        per_epoch = data.steps_per_epoch(num_images, train_cfg.batch_size)
+        if per_epoch == 0:
+            raise UserError(f"--batch-size {train_cfg.batch_size} is larger than the "
+                            f"{num_images} training images")
+        total = per_epoch * train_cfg.epochs
+        if train_cfg.max_steps is not None:
+            total = min(total, train_cfg.max_steps)
+        return cls(per_epoch, total, train_cfg.log_every, train_cfg.checkpoint_every)
+
+    def ends_epoch(self, step: int) -> bool:
+        """The epoch's evaluation, artifacts and checkpoint follow this step."""
+        return step % self.steps_per_epoch == 0 or step == self.total
+
+    def saves(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0 or self.ends_epoch(step)
+
+    def logs(self, step: int) -> bool:
+        # every save is logged: the row's fetch is the NaN guard, and a checkpoint never
+        # holds non-finite weights
+        return step % self.log_every == 0 or self.saves(step)
+
+
+class Throughput:
+    """Images/s over the training steps since the last `restart`."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def images_per_s(self) -> float:
+        return self.steps * self.batch_size / (time.perf_counter() - self.start)
+
+
+class _Run:
+    """The step loop of one fit, from a given step, and its bookkeeping."""
+
+    def __init__(self, twin: Twin, train_cfg: cfg.TrainConfig, test_images: np.ndarray,
+                 schedule: Schedule, logbook: Logbook, stop: StopSignals, ckpt: str,
+                 saved_step: int | None) -> None:
+        self.twin, self.train_cfg, self.test_images = twin, train_cfg, test_images
+        self.schedule, self.logbook, self.stop, self.ckpt = schedule, logbook, stop, ckpt
+        self.saved_step = saved_step  # the step of the checkpoint on disk, None if none
+        self.throughput = Throughput(train_cfg.batch_size)
+        self.last_eval: dict[str, float] = {}
+
+    def train(self, train_images: np.ndarray, step: int) -> dict[str, float]:
+        self.bar = tqdm(total=self.schedule.total, initial=step, desc="train", unit="step",
+                        dynamic_ncols=True)
+        try:
+            self._stop_if_asked(step, None)
+            while step < self.schedule.total:
+                step = self._epoch(train_images, step)
+        finally:
+            self.bar.close()
+        return self.last_eval
+
+    def _epoch(self, train_images: np.ndarray, step: int) -> int:
+        """The rest of the epoch that `step` is in; returns the step count at its end."""
+        epoch, done = divmod(step, self.schedule.steps_per_epoch)
+        for batch in data.batches(train_images, self.train_cfg.batch_size,
+                                  self.train_cfg.seed, epoch, done):
+            step_metrics = self.twin.train_step(batch)
+            step += 1
+            self.throughput.count_step()
+            self.bar.update()
+            if self.schedule.logs(step):
+                self._log_train(step, epoch, step_metrics)
+            if self.schedule.ends_epoch(step):
+                break
+            if self.schedule.saves(step):
+                self._save(step)
+            self._stop_if_asked(step, step_metrics)
+        self._end_epoch(step, epoch)
+        self._stop_if_asked(step, None)
+        return step
+
+    def _log_train(self, step: int, epoch: int, step_metrics: Any) -> None:
+        record = self._finite(step_metrics, step)
+        record["images_per_s"] = self.throughput.images_per_s()
+        self.logbook.write({"step": step, "epoch": epoch, **record})
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['recon']:.4f}")
+        self.throughput.restart()
+
+    def _end_epoch(self, step: int, epoch: int) -> None:
+        """Evaluation, artifacts, then the checkpoint that covers them all."""
+        self.last_eval = evaluate(self.twin, self.test_images, self.train_cfg.eval_batch_size,
+                                  self.twin.config.num_codes)
+        self.logbook.write({"step": step, "epoch": epoch, **self.last_eval}, prefix="test")
+        self.bar.write(f"epoch {epoch} step {step}: test mse {self.last_eval['mse']:.5f} "
+                       f"psnr {self.last_eval['psnr']:.2f} dB "
+                       f"ssim {self.last_eval['ssim']:.3f} "
+                       f"perplexity {self.last_eval['perplexity']:.1f} "
+                       f"codes used {self.last_eval['codes_used']:.1%}")
+        write_artifacts(self.twin, self.test_images, self.train_cfg.out)
+        self._save(step)
+        self.throughput.restart()
+
+    def _save(self, step: int) -> None:
+        self.logbook.sync()  # the rows this checkpoint covers reach the disk before it
+        self.twin.save(self.ckpt, step)
+        self.saved_step = step
+
+    def _stop_if_asked(self, step: int, step_metrics: Any) -> None:
+        """After a signal: a checkpoint at `step` (unless there is one), then Stopped."""
+        if self.stop.received is None:
+            return
+        if self.saved_step != step and step_metrics is not None:
+            self._finite(step_metrics, step)
+            self._save(step)
+        if self.saved_step == step:
+            where = f"{self.ckpt} holds step {step}: rerun with --resume to continue"
+        else:
+            where = "no step was taken: rerun the same command"
+        raise Stopped(f"stopped by {self.stop.name} at step {step} of {self.schedule.total}; "
+                      f"{where}", self.stop.received)
+
+    def _finite(self, step_metrics: Any, step: int) -> dict[str, float]:
+        record = self.twin.fetch(step_metrics)
+        bad = [k for k, v in record.items() if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"training diverged: {', '.join(bad)} not finite at step {step}; "
+                            f"stopped, the last good checkpoint {self.ckpt} is kept")
+        return record
+
+
+def _check_resume(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
+                  out: str) -> None:
+    """--resume needs a complete checkpoint, and a fresh run must not overwrite one."""
+    complete = make_twin.has_checkpoint(ckpt)
+    if train_cfg.resume and not complete:
+        raise UserError(f"--resume: {out} holds no complete checkpoint to resume from; run "
+                        f"without --resume to start there afresh")
+    if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
-
-
-def _finite_or_stop(record: dict[str, float], step: int, ckpt: str) -> dict[str, float]:
-    bad = [k for k, v in record.items() if not math.isfinite(v)]
-    if bad:
-        raise UserError(f"training diverged: {', '.join(bad)} not finite at step {step}; "
-                        f"stopped, the last good checkpoint {ckpt} is kept")
-    return record

@@ -1,0 +1,36 @@
+"""One trainer per output directory: an exclusive flock(2) on OUT/train.lock, held for the
+whole run. The kernel releases it however the process ends, SIGKILL included, so a lock
+file left behind never blocks the next run. (flock may not be honoured across machines on
+some network file systems.)"""
+from __future__ import annotations
+
+import fcntl
+import os
+
+from vqvae_common.errors import UserError
+
+LOCK_NAME = "train.lock"
+
+
+class RunLock:
+    """Held from construction until `release`; a second trainer on the same directory gets a
+    UserError at once and changes nothing there."""
+
+    def __init__(self, out: str) -> None:
+        path = os.path.join(out, LOCK_NAME)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"output directory {out} is not writable ({e.strerror})") from e
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise UserError(f"{out} is in use by another trainer (pid {holder}): wait for it "
+                            f"to end, or choose another --out") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)

@@ -1,0 +1,68 @@
+"""SIGTERM (what a cluster scheduler sends before it preempts a job) and SIGINT (Ctrl-C)
+stop a training run between two steps, with a checkpoint, instead of where it stands.
+
+Before the first step a signal stops the run at once: nothing new needs saving. Once the
+loop has called `defer`, the first signal only sets `received`; the loop finishes its step,
+saves a checkpoint at that step and raises Stopped. A second signal stops the process at
+once, even in the middle of that save: checkpoints are written atomically, so the previous
+one is still complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from types import FrameType, TracebackType
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """Training stopped on a signal; the message says where and how to go on. Like
+    KeyboardInterrupt, not an Exception: no `except Exception` on the way may swallow it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum  # the shell's convention for "ended by a signal"
+
+
+class StopSignals:
+    """A context manager that handles SIGTERM and SIGINT as described above while it is
+    entered (on the main thread only: Python delivers signals there)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deferred = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def defer(self) -> None:
+        """From now on a first signal waits for the loop (`received`) instead of stopping."""
+        self._deferred = True
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            with contextlib.suppress(OSError):  # a closed stderr must not keep it running
+                print(f"\nstopped at once by a second {signal.Signals(signum).name}; the "
+                      f"last complete checkpoint is kept: rerun with --resume to continue "
+                      f"from it", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        if not self._deferred:
+            raise Stopped(f"stopped by {self.name} before the first step; nothing needed "
+                          f"saving: rerun the same command", signum)
