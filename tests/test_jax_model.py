@@ -1,7 +1,9 @@
 """vqvae_jax.model, tested as its twin is in tests/test_torch_model.py (NHWC layout), plus the
-Flax-only pieces that must reproduce PyTorch: BatchNorm, the transposed convolution, and the
-quantizer's HIGHEST-precision distance matmul."""
+Flax-only pieces that must reproduce PyTorch: BatchNorm and the convolutions, each on both its
+plain XLA path and its fast CPU path (vqvae_jax/xla_cpu.py), and the quantizer's
+HIGHEST-precision distance matmul."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,10 @@ from flax import nnx
 
 from vqvae_common import config
 from vqvae_common.config import DATASETS, ModelConfig
+from vqvae_jax import model as jax_model
+from vqvae_jax import xla_cpu
 from vqvae_jax.model import (VQVAE, BatchNorm, ConvTranspose, ResidualBlock, VectorQuantizer,
-                             conv_transpose, nearest_codes)
+                             nearest_codes)
 
 CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
 Z = [[0.9, 0.2], [0.1, 1.2]]  # two latent vectors, laid out as z_e (1, 1, 2, D) below
@@ -243,10 +247,30 @@ def test_residual_block_is_x_plus_f_of_x():
 # --- Flax only: the pieces written out to reproduce PyTorch's semantics ---------------------
 
 
-def test_batch_norm_matches_torch():
+PATHS = [pytest.param(False, id="plain"), pytest.param(True, id="fast_cpu")]
+BATCH_NORMS = {False: jax_model.batch_norm, True: xla_cpu.batch_norm}
+CONV_TRANSPOSES = {False: jax_model.conv_transpose, True: xla_cpu.conv_transpose}
+
+
+def _nchw(x):
+    return torch.tensor(np.asarray(x)).permute(0, 3, 1, 2)
+
+
+def _nhwc(t):
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _named_leaves(state):
+    """{'encoder.conv1.bias': array, ...} of an nnx.State."""
+    return {".".join(str(k.key) for k in path if hasattr(k, "key")): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+@pytest.mark.parametrize("fast_cpu", PATHS)
+def test_batch_norm_matches_torch(fast_cpu):
     rng = np.random.default_rng(0)
     c = 3
-    ours = BatchNorm(c)
+    ours = BatchNorm(c, fast_cpu=fast_cpu)
     ref = torch.nn.BatchNorm2d(c, momentum=0.1, eps=1e-5)
     scale, bias = rng.uniform(0.5, 2.0, c), rng.normal(size=c)
     ours.scale[...] = jnp.asarray(scale, jnp.float32)
@@ -256,8 +280,7 @@ def test_batch_norm_matches_torch():
         ref.bias.copy_(torch.tensor(bias))
 
     def both(x):
-        return np.asarray(ours(jnp.asarray(x))), \
-            ref(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().permute(0, 2, 3, 1).numpy()
+        return np.asarray(ours(jnp.asarray(x))), _nhwc(ref(_nchw(x)))
 
     ours.train()
     ref.train()
@@ -281,6 +304,68 @@ def test_batch_norm_matches_torch():
     np.testing.assert_allclose(np.asarray(ours.var[...]), ref.running_var.numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fast_cpu", PATHS)
+def test_batch_norm_gradients_match_torch(fast_cpu):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(4, 5, 6, 3)) * [1.0, 3.0, 0.2] + 1).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    upstream = rng.normal(size=x.shape).astype(np.float32)
+    _, vjp = jax.vjp(lambda *a: BATCH_NORMS[fast_cpu](*a, 1e-5)[0],
+                     *map(jnp.asarray, (x, scale, bias)))
+    grads = vjp(jnp.asarray(upstream))
+
+    leaves = [_nchw(x).requires_grad_(), torch.tensor(scale).requires_grad_(),
+              torch.tensor(bias).requires_grad_()]
+    torch.nn.functional.batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True,
+                                   eps=1e-5).backward(_nchw(upstream))
+    expected = [_nhwc(leaves[0].grad), leaves[1].grad.numpy(), leaves[2].grad.numpy()]
+    for got, want in zip(grads, expected):
+        _assert_close_relative(np.asarray(got), want)
+
+
+def test_fast_batch_norm_backward_equals_autodiff_for_all_three_outputs():
+    """The closed form's terms for the batch mean and variance (which the model
+    stop-gradients, so torch cannot check them) against autodiff of the plain formula."""
+    rng = np.random.default_rng(2)
+    args = [jnp.asarray(rng.normal(size=shape) + 1, jnp.float32)
+            for shape in ((4, 5, 6, 3), (3,), (3,))]
+    outputs, plain_vjp = jax.vjp(lambda *a: jax_model.batch_norm(*a, 1e-5), *args)
+    cotangents = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in outputs]
+    _, fast_vjp = jax.vjp(lambda *a: xla_cpu.batch_norm(*a, 1e-5), *args)
+    for got, want in zip(fast_vjp(tuple(cotangents)), plain_vjp(tuple(cotangents))):
+        _assert_close_relative(np.asarray(got), np.asarray(want))
+
+
+# the model's three convolutions: k, s, p, (B, H, W, I, O)
+CONV_SHAPES = [(4, 2, 1, (2, 8, 6, 3, 5)), (3, 1, 1, (2, 5, 4, 3, 4)), (1, 1, 0, (2, 3, 5, 6, 7))]
+
+
+@pytest.mark.parametrize("fast_cpu", PATHS)
+@pytest.mark.parametrize("k, s, p, shape", CONV_SHAPES)
+def test_conv_and_its_gradients_match_torch(k, s, p, shape, fast_cpu):
+    b, h, w, i, o = shape
+    rng = np.random.default_rng(k * 100 + h * 10 + i)
+    module = jax_model.conv(i, o, k, s, p, fast_cpu, nnx.Rngs(0))
+    module.bias[...] = jnp.asarray(rng.normal(size=o), jnp.float32)
+    x = rng.normal(size=(b, h, w, i)).astype(np.float32)
+    graphdef, params = nnx.split(module)
+    y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, jnp.asarray(x))
+    upstream = rng.normal(size=y.shape).astype(np.float32)
+    d_params, dx = vjp(jnp.asarray(upstream))
+    d_params = _named_leaves(d_params)
+
+    x_t = _nchw(x).requires_grad_()
+    weight = torch.tensor(np.asarray(module.kernel[...]).transpose(3, 2, 0, 1)).requires_grad_()
+    bias = torch.tensor(np.asarray(module.bias[...])).requires_grad_()
+    y_t = torch.nn.functional.conv2d(x_t, weight, bias, stride=s, padding=p)
+    y_t.backward(_nchw(upstream))
+    _assert_close_relative(np.asarray(y), _nhwc(y_t))
+    _assert_close_relative(np.asarray(dx), _nhwc(x_t.grad))
+    _assert_close_relative(d_params["kernel"], weight.grad.permute(2, 3, 1, 0).numpy())
+    _assert_close_relative(d_params["bias"], bias.grad.numpy())
+
+
 CONV_T_SHAPES = [(2, 7, 7, 3, 5), (1, 4, 6, 2, 1), (3, 1, 1, 4, 2), (2, 5, 3, 1, 3),
                  (1, 8, 8, 16, 16)]  # (B, H, W, I, O)
 
@@ -288,9 +373,9 @@ CONV_T_SHAPES = [(2, 7, 7, 3, 5), (1, 4, 6, 2, 1), (3, 1, 1, 4, 2), (2, 5, 3, 1,
 def _torch_conv_transpose(x, kernel, bias=None):
     """PyTorch's ConvTranspose2d(4, stride 2, padding 1) on NHWC numpy, weight (I, O, kh, kw)."""
     out = torch.nn.functional.conv_transpose2d(
-        torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(kernel.transpose(2, 3, 0, 1)),
+        _nchw(x), torch.tensor(kernel.transpose(2, 3, 0, 1)),
         None if bias is None else torch.tensor(bias), stride=2, padding=1)
-    return out.permute(0, 2, 3, 1).numpy()
+    return _nhwc(out)
 
 
 def _assert_close_relative(actual, expected, tol=1e-5):
@@ -298,43 +383,108 @@ def _assert_close_relative(actual, expected, tol=1e-5):
     assert np.abs(actual - expected).max() <= tol * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("fast_cpu", PATHS)
 @pytest.mark.parametrize("b, h, w, i, o", CONV_T_SHAPES)
-def test_conv_transpose_matches_torch(b, h, w, i, o):
+def test_conv_transpose_matches_torch(b, h, w, i, o, fast_cpu):
     rng = np.random.default_rng(h * 100 + w * 10 + i + o)
     x = rng.normal(size=(b, h, w, i)).astype(np.float32)
     kernel = rng.normal(size=(4, 4, i, o)).astype(np.float32)
-    y = np.asarray(conv_transpose(jnp.asarray(x), jnp.asarray(kernel)))
+    y = np.asarray(CONV_TRANSPOSES[fast_cpu](jnp.asarray(x), jnp.asarray(kernel)))
     assert y.shape == (b, 2 * h, 2 * w, o)
     _assert_close_relative(y, _torch_conv_transpose(x, kernel))
 
 
+@pytest.mark.parametrize("fast_cpu", PATHS)
 @pytest.mark.parametrize("b, h, w, i, o", CONV_T_SHAPES[:2])
-def test_conv_transpose_gradients_match_torch(b, h, w, i, o):
+def test_conv_transpose_gradients_match_torch(b, h, w, i, o, fast_cpu):
     rng = np.random.default_rng(h * 100 + w * 10 + i + o + 1)
     x = rng.normal(size=(b, h, w, i)).astype(np.float32)
     kernel = rng.normal(size=(4, 4, i, o)).astype(np.float32)
     upstream = rng.normal(size=(b, 2 * h, 2 * w, o)).astype(np.float32)
-    _, vjp = jax.vjp(conv_transpose, jnp.asarray(x), jnp.asarray(kernel))
+    _, vjp = jax.vjp(CONV_TRANSPOSES[fast_cpu], jnp.asarray(x), jnp.asarray(kernel))
     dx, dkernel = vjp(jnp.asarray(upstream))
 
-    x_t = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    x_t = _nchw(x).requires_grad_()
     weight = torch.tensor(kernel.transpose(2, 3, 0, 1)).requires_grad_()
     torch.nn.functional.conv_transpose2d(x_t, weight, stride=2, padding=1).backward(
-        torch.tensor(upstream).permute(0, 3, 1, 2))
-    _assert_close_relative(np.asarray(dx), x_t.grad.permute(0, 2, 3, 1).numpy())
+        _nchw(upstream))
+    _assert_close_relative(np.asarray(dx), _nhwc(x_t.grad))
     _assert_close_relative(np.asarray(dkernel), weight.grad.permute(2, 3, 0, 1).numpy())
 
 
-def test_conv_transpose_module_matches_torch():
+@pytest.mark.parametrize("fast_cpu", PATHS)
+def test_conv_transpose_module_matches_torch(fast_cpu):
     rng = np.random.default_rng(0)
     for b, h, w, i, o in CONV_T_SHAPES[:3]:
-        module = ConvTranspose(i, o, rngs=nnx.Rngs(0))
+        module = ConvTranspose(i, o, fast_cpu=fast_cpu, rngs=nnx.Rngs(0))
         module.bias[...] = jnp.asarray(rng.normal(size=o), jnp.float32)
         x = rng.normal(size=(b, h, w, i)).astype(np.float32)
         y = np.asarray(module(jnp.asarray(x)))
         expected = _torch_conv_transpose(x, np.asarray(module.kernel[...]),
                                          np.asarray(module.bias[...]))
         _assert_close_relative(y, expected)
+
+
+def _paths(model):
+    """{fast_cpu of each BatchNorm, ConvTranspose and nnx.Conv in `model`}."""
+    found = set()
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Conv):
+            found.add(module.conv_general_dilated is xla_cpu.conv_general_dilated)
+        elif isinstance(module, (BatchNorm, ConvTranspose)):
+            found.add(module.fast_cpu)
+    return found
+
+
+def test_fast_cpu_follows_the_device_the_model_is_created_on():
+    small = ModelConfig(in_channels=1, hidden=8, num_codes=16)
+    with jax.default_device(jax.devices("cpu")[0]):  # abstract models: no array is made
+        assert _paths(nnx.eval_shape(lambda: VQVAE(small, rngs=nnx.Rngs(0)))) == {True}
+        assert _paths(nnx.eval_shape(lambda: VQVAE(small, fast_cpu=False,
+                                                   rngs=nnx.Rngs(0)))) == {False}
+    with jax.default_device("gpu"):  # only read, no array is made there
+        assert not jax_model.use_fast_cpu(None)
+    assert jax_model.use_fast_cpu(True) and not jax_model.use_fast_cpu(False)
+
+
+# conv biases feeding a BatchNorm: their exact gradient is 0, so only rounding is left
+FEEDS_BATCH_NORM = re.compile(r"(encoder\.conv1|res\d\.conv[12]|decoder\.deconv1)\.bias$")
+
+
+def test_both_paths_train_the_same_model():
+    """The plain and the fast model, from the same seed: the same losses, gradients and
+    running statistics after a train-mode forward."""
+    small = ModelConfig(in_channels=1, hidden=16, num_codes=32)
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1)
+
+    def loss(model):
+        out = model(x)
+        return out.losses["loss"], out
+
+    @nnx.jit
+    def train_mode_forward(model):
+        grads, out = nnx.grad(loss, has_aux=True)(model)
+        return out, grads, nnx.state(model, nnx.BatchStat)
+
+    runs = []
+    for fast_cpu in (False, True):
+        model = VQVAE(small, fast_cpu=fast_cpu, rngs=nnx.Rngs(0))
+        model.train()
+        out, grads, stats = train_mode_forward(model)
+        runs.append((out, _named_leaves(grads), _named_leaves(stats)))
+    (plain, plain_grads, plain_stats), (fast, fast_grads, fast_stats) = runs
+    np.testing.assert_array_equal(np.asarray(fast.indices), np.asarray(plain.indices))
+    for name in plain.losses:
+        assert float(fast.losses[name]) == pytest.approx(float(plain.losses[name]), rel=1e-5)
+    _assert_close_relative(np.asarray(fast.recon), np.asarray(plain.recon), 1e-4)
+    assert fast_grads.keys() == plain_grads.keys()
+    largest = max(np.abs(g).max() for g in plain_grads.values())
+    for name, want in plain_grads.items():
+        scale = largest if FEEDS_BATCH_NORM.search(name) else np.abs(want).max()
+        assert np.abs(fast_grads[name] - want).max() <= 1e-4 * scale, name
+    assert fast_stats.keys() == plain_stats.keys()
+    for name, want in plain_stats.items():
+        _assert_close_relative(fast_stats[name], want)
 
 
 def _dot_generals(jaxpr):

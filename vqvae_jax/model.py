@@ -19,10 +19,13 @@ names follow Flax (kernel, scale, mean, var) and vqvae_jax/convert.py maps them.
 are xavier-normal (not Flax's truncated default) with zero biases, the codebook
 uniform(-1/K, 1/K). BatchNorm and the transposed convolution reproduce PyTorch's semantics,
 so that both twins compute the same function.
+
+Every layer is written with plain XLA ops. With `fast_cpu` (by default: when the model is
+created on a CPU), BatchNorm and the convolutions run the formulations of vqvae_jax/xla_cpu.py
+instead, the same function, measured faster on XLA's CPU backend.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -30,9 +33,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vqvae_common.config import ModelConfig, distance_block_rows
+from vqvae_jax import xla_cpu
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
-PAD1 = ((1, 1), (1, 1))
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -40,43 +43,30 @@ def mse(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean((a - b) ** 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def use_fast_cpu(fast_cpu: bool | None) -> bool:
+    """`fast_cpu` itself, or for None: whether the model is being created on a CPU (the device
+    of an enclosing jax.default_device, else JAX's default backend), the one backend where
+    vqvae_jax/xla_cpu.py was measured."""
+    if fast_cpu is not None:
+        return fast_cpu
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend() == "cpu"
+    return (device if isinstance(device, str) else device.platform) == "cpu"
+
+
+# PyTorch's nn.BatchNorm2d, nn.ConvTranspose2d and nn.Conv2d, with PyTorch's semantics.
+
+
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Train-mode batch normalization over (B, H, W) per channel: (y, mu_B, var_B).
 
         y = (x - mu_B) / sqrt(var_B + eps) * scale + bias,  var_B the biased batch variance
-
-    With its closed-form backward, as PyTorch's kernel has (2-4x faster on XLA's CPU backend
-    than autodiff through the formula; bench/ measured):
-
-        dx = scale / (n sqrt(var_B + eps)) * (n dy - sum(dy) - x_hat sum(dy x_hat))
-             + (d mu_B + 2 (x - mu_B) d var_B) / n
     """
-    return _batch_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _batch_norm_fwd(x, scale, bias, eps):
     mean = x.mean((0, 1, 2))
-    centred = x - mean
-    var = jnp.mean(jnp.square(centred), (0, 1, 2))
-    inv = jax.lax.rsqrt(var + eps)
-    x_hat = centred * inv
-    return (x_hat * scale + bias, mean, var), (x_hat, centred, inv, scale)
-
-
-def _batch_norm_bwd(eps, residuals, cotangents):
-    x_hat, centred, inv, scale = residuals
-    dy, d_mean, d_var = cotangents
-    n = dy.size // dy.shape[-1]
-    d_bias = dy.sum((0, 1, 2))
-    d_scale = (dy * x_hat).sum((0, 1, 2))
-    dx = ((scale * inv / n) * (n * dy - d_bias - x_hat * d_scale)
-          + (d_mean + 2 * centred * d_var) / n)
-    return dx, d_scale, d_bias
-
-
-batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+    var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
 
 
 class BatchNorm(nnx.Module):
@@ -88,22 +78,27 @@ class BatchNorm(nnx.Module):
 
     m = 0.1 in PyTorch's convention (Flax's momentum 0.9 weights the other side, and Flax
     keeps the biased variance). n = B*H*W. `count` mirrors PyTorch's num_batches_tracked.
+    `fast_cpu` takes xla_cpu.batch_norm, the same function with a faster backward on a CPU
+    (None: see use_fast_cpu).
     """
 
-    def __init__(self, features: int, *, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, features: int, *, momentum: float = 0.1, eps: float = 1e-5,
+                 fast_cpu: bool | None = None) -> None:
         self.scale = nnx.Param(jnp.ones(features))
         self.bias = nnx.Param(jnp.zeros(features))
         self.mean = nnx.BatchStat(jnp.zeros(features))
         self.var = nnx.BatchStat(jnp.ones(features))
         self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.momentum, self.eps = momentum, eps
+        self.fast_cpu = use_fast_cpu(fast_cpu)
         self.use_running_average = False  # set by nnx.Module.eval() / .train()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_running_average:
             return ((x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps)
                     * self.scale[...] + self.bias[...])
-        y, mean, var = batch_norm(x, self.scale[...], self.bias[...], self.eps)
+        normalize = xla_cpu.batch_norm if self.fast_cpu else batch_norm
+        y, mean, var = normalize(x, self.scale[...], self.bias[...], self.eps)
         n = x.size // x.shape[-1]
         m = self.momentum
         self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
@@ -112,123 +107,55 @@ class BatchNorm(nnx.Module):
         return y
 
 
-def _xla_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
-
-
-def _space_to_depth_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Conv 4x4/2 pad 1 as a 2x2 stride-1 conv over 2x2 pixel blocks: output m takes padded
-    rows 2m + p, p = 2a + r, i.e. block m + a, row r within it. Exact, and its input
-    gradient (not its forward or kernel gradient) is the fastest on XLA's CPU backend."""
-    b, h, wd, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    blocks = xp.reshape(b, h // 2 + 1, 2, wd // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
-    k = w.reshape(2, 2, 2, 2, c, w.shape[-1]).transpose(0, 2, 1, 3, 4, 5)  # (a, b, r, s, C, O)
-    return jax.lax.conv_general_dilated(blocks.reshape(b, h // 2 + 1, wd // 2 + 1, 4 * c),
-                                        k.reshape(2, 2, 4 * c, w.shape[-1]), (1, 1), "VALID",
-                                        dimension_numbers=NHWC)
-
-
-def _strided_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
-    """C^T y for C(x) = conv4x4/2(x, w): the strided conv's input gradient."""
-    (x,) = jax.linear_transpose(lambda u: _space_to_depth_conv(u, w),
-                                jax.ShapeDtypeStruct(x_shape, y.dtype))(y)
-    return x
-
-
-def _strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
-    _, kernel_vjp = jax.vjp(lambda w: _xla_conv(x, w, (2, 2), PAD1), w)
-    return kernel_vjp(dy)[0]
-
-
-@jax.custom_vjp
-def strided_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Conv 4x4, stride 2, padding 1 (NHWC, HWIO). Its forward, input gradient and kernel
-    gradient each run on XLA's fastest CPU formulation of the same linear map (measured by
-    bench/conv_transpose.py): XLA's strided conv, the space-to-depth conv's transpose, and
-    XLA's strided kernel gradient."""
-    return _xla_conv(x, w, (2, 2), PAD1)
-
-
-strided_conv.defvjp(lambda x, w: (strided_conv(x, w), (x, w)),
-                    lambda res, dy: (_strided_conv_transpose(res[1], dy, res[0].shape),
-                                     _strided_conv_kernel_grad(res[0], dy, res[1])))
-
-
-@jax.custom_vjp
 def conv_transpose(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """PyTorch's conv_transpose2d(stride 2, padding 1) for a 4x4 kernel, without bias.
 
     x (B, H, W, I), kernel (4, 4, I, O) with kernel[p, q, i, o] = torch_weight[i, o, p, q],
-    result (B, 2H, 2W, O). A transposed convolution is the adjoint of the strided convolution
-    C(u) = conv4x4/2(u, W) from O to I channels, W[p, q, o, i] = kernel[p, q, i, o]:
-
-        y      = C^T x                       (the strided conv's input gradient)
-        dL/dx  = C dy                        (the strided conv)
-        dL/dW  = kernel gradient of C at input dy and output cotangent x
-
-    so it reuses strided_conv's three fast pieces. Left to autodiff, XLA's CPU backend
-    computes the kernel gradient of a transposed (lhs-dilated) convolution 10-60x slower.
+    result (B, 2H, 2W, O): x dilated by 2, padded by k - 1 - p = 2, and convolved with the
+    spatially flipped kernel.
     """
-    b, h, w, _ = x.shape
-    return _strided_conv_transpose(kernel.transpose(0, 1, 3, 2), x,
-                                   (b, 2 * h, 2 * w, kernel.shape[-1]))
-
-
-def _conv_transpose_bwd(residuals, dy: jax.Array):
-    x, kernel = residuals
-    w = kernel.transpose(0, 1, 3, 2)
-    return _xla_conv(dy, w, (2, 2), PAD1), _strided_conv_kernel_grad(dy, x, w).transpose(0, 1, 3, 2)
-
-
-conv_transpose.defvjp(lambda x, kernel: (conv_transpose(x, kernel), (x, kernel)),
-                      _conv_transpose_bwd)
-
-
-def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **kwargs
-                         ) -> jax.Array:
-    """nnx.Conv's convolution, with the model's two costly shapes on faster formulations:
-    a 1x1 conv is a matmul, a 4x4 stride-2 pad-1 conv is strided_conv."""
-    plain = (kwargs.get("lhs_dilation") in (None, 1, (1, 1))
-             and kwargs.get("rhs_dilation") in (None, 1, (1, 1))
-             and kwargs.get("feature_group_count", 1) == 1)
-    padding = tuple(map(tuple, padding))
-    if plain and w.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) \
-            and padding == ((0, 0), (0, 0)):
-        return x @ w[0, 0]
-    if plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1:
-        return strided_conv(x, w)
-    return jax.lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
+    return jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), ((2, 2), (2, 2)),
+                                  dimension_numbers=NHWC)
 
 
 class ConvTranspose(nnx.Module):
-    """PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1): (B, H, W, I) -> (B, 2H, 2W, O)."""
+    """PyTorch's ConvTranspose2d(kernel 4, stride 2, padding 1): (B, H, W, I) -> (B, 2H, 2W, O).
+    `fast_cpu` takes xla_cpu.conv_transpose (None: see use_fast_cpu)."""
 
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, in_features: int, out_features: int, *, fast_cpu: bool | None = None,
+                 rngs: nnx.Rngs) -> None:
         self.kernel = nnx.Param(xavier_normal(rngs.params(), (4, 4, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros(out_features))
+        self.fast_cpu = use_fast_cpu(fast_cpu)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv_transpose(x, self.kernel[...]) + self.bias[...]
+        transpose = xla_cpu.conv_transpose if self.fast_cpu else conv_transpose
+        return transpose(x, self.kernel[...]) + self.bias[...]
 
 
 def conv(in_features: int, out_features: int, kernel: int, stride: int, padding: int,
-         rngs: nnx.Rngs) -> nnx.Conv:
+         fast_cpu: bool | None, rngs: nnx.Rngs) -> nnx.Conv:
+    """PyTorch's Conv2d; `fast_cpu` runs it through xla_cpu.conv_general_dilated (None: see
+    use_fast_cpu)."""
+    convolve = (xla_cpu.conv_general_dilated if use_fast_cpu(fast_cpu)
+                else jax.lax.conv_general_dilated)
     return nnx.Conv(in_features, out_features, (kernel, kernel), (stride, stride),
                     padding=((padding, padding), (padding, padding)),
-                    kernel_init=xavier_normal, conv_general_dilated=conv_general_dilated,
-                    rngs=rngs)
+                    kernel_init=xavier_normal, conv_general_dilated=convolve, rngs=rngs)
+
+
+# The model: vqvae_torch/model.py, class for class.
 
 
 class ResidualBlock(nnx.Module):
     """x + F(x) with F = ReLU, Conv3x3, BN, ReLU, Conv1x1, BN: the plain residual (the seed
     model's in-place ReLU made its skip carry relu(x); this skip carries x)."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
-        self.conv1 = conv(dim, dim, 3, 1, 1, rngs)
-        self.bn1 = BatchNorm(dim)
-        self.conv2 = conv(dim, dim, 1, 1, 0, rngs)
-        self.bn2 = BatchNorm(dim)
+    def __init__(self, dim: int, *, fast_cpu: bool | None = None, rngs: nnx.Rngs) -> None:
+        self.conv1 = conv(dim, dim, 3, 1, 1, fast_cpu, rngs)
+        self.bn1 = BatchNorm(dim, fast_cpu=fast_cpu)
+        self.conv2 = conv(dim, dim, 1, 1, 0, fast_cpu, rngs)
+        self.bn2 = BatchNorm(dim, fast_cpu=fast_cpu)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.bn1(self.conv1(jax.nn.relu(x)))
@@ -237,12 +164,13 @@ class ResidualBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, in_channels: int, dim: int, *, rngs: nnx.Rngs) -> None:
-        self.conv1 = conv(in_channels, dim, 4, 2, 1, rngs)
-        self.bn1 = BatchNorm(dim)
-        self.conv2 = conv(dim, dim, 4, 2, 1, rngs)
-        self.res1 = ResidualBlock(dim, rngs=rngs)
-        self.res2 = ResidualBlock(dim, rngs=rngs)
+    def __init__(self, in_channels: int, dim: int, *, fast_cpu: bool | None = None,
+                 rngs: nnx.Rngs) -> None:
+        self.conv1 = conv(in_channels, dim, 4, 2, 1, fast_cpu, rngs)
+        self.bn1 = BatchNorm(dim, fast_cpu=fast_cpu)
+        self.conv2 = conv(dim, dim, 4, 2, 1, fast_cpu, rngs)
+        self.res1 = ResidualBlock(dim, fast_cpu=fast_cpu, rngs=rngs)
+        self.res2 = ResidualBlock(dim, fast_cpu=fast_cpu, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.relu(self.bn1(self.conv1(x)))
@@ -250,12 +178,13 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, dim: int, out_channels: int, *, rngs: nnx.Rngs) -> None:
-        self.res1 = ResidualBlock(dim, rngs=rngs)
-        self.res2 = ResidualBlock(dim, rngs=rngs)
-        self.deconv1 = ConvTranspose(dim, dim, rngs=rngs)
-        self.bn1 = BatchNorm(dim)
-        self.deconv2 = ConvTranspose(dim, out_channels, rngs=rngs)
+    def __init__(self, dim: int, out_channels: int, *, fast_cpu: bool | None = None,
+                 rngs: nnx.Rngs) -> None:
+        self.res1 = ResidualBlock(dim, fast_cpu=fast_cpu, rngs=rngs)
+        self.res2 = ResidualBlock(dim, fast_cpu=fast_cpu, rngs=rngs)
+        self.deconv1 = ConvTranspose(dim, dim, fast_cpu=fast_cpu, rngs=rngs)
+        self.bn1 = BatchNorm(dim, fast_cpu=fast_cpu)
+        self.deconv2 = ConvTranspose(dim, out_channels, fast_cpu=fast_cpu, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         h = jax.nn.relu(self.res2(self.res1(z)))
@@ -362,12 +291,17 @@ class Output(NamedTuple):
 
 
 class VQVAE(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+    """The whole model. fast_cpu: True runs vqvae_jax/xla_cpu.py's formulations, False the
+    plain XLA ops, None (the default) decides by the device it is created on (use_fast_cpu)."""
+
+    def __init__(self, config: ModelConfig, *, fast_cpu: bool | None = None,
+                 rngs: nnx.Rngs) -> None:
+        fast_cpu = use_fast_cpu(fast_cpu)
         self.config = config
-        self.encoder = Encoder(config.in_channels, config.hidden, rngs=rngs)
+        self.encoder = Encoder(config.in_channels, config.hidden, fast_cpu=fast_cpu, rngs=rngs)
         self.quantizer = VectorQuantizer(config.num_codes, config.hidden, config.restart_below,
                                          config.usage_decay, rngs=rngs)
-        self.decoder = Decoder(config.hidden, config.in_channels, rngs=rngs)
+        self.decoder = Decoder(config.hidden, config.in_channels, fast_cpu=fast_cpu, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> Output:
         z_e = self.encoder(x)

@@ -33,8 +33,9 @@ def select_device(name: str) -> jax.Device:
         raise UserError(f"--device {name}: JAX sees no such device here") from e
 
 
-def create(model_cfg: ModelConfig, lr: float, seed: int) -> tuple[VQVAE, nnx.Optimizer]:
-    model = VQVAE(model_cfg, rngs=nnx.Rngs(seed))
+def create(model_cfg: ModelConfig, lr: float, seed: int, fast_cpu: bool | None = None
+           ) -> tuple[VQVAE, nnx.Optimizer]:
+    model = VQVAE(model_cfg, fast_cpu=fast_cpu, rngs=nnx.Rngs(seed))
     return model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
 
@@ -81,7 +82,8 @@ class JaxTwin:
         self.device = select_device(train_cfg.device)
         self.config = model_cfg
         with jax.default_device(self.device):
-            self.graphdef, self.state = nnx.split(create(model_cfg, train_cfg.lr, train_cfg.seed))
+            self.graphdef, self.state = nnx.split(create(
+                model_cfg, train_cfg.lr, train_cfg.seed, fast_cpu=self.device.platform == "cpu"))
         self._train_step = jax.jit(functools.partial(train_step, self.graphdef), donate_argnums=0)
         self._eval_forward = jax.jit(functools.partial(eval_forward, self.graphdef))
         self._encode = jax.jit(functools.partial(encode, self.graphdef))
