@@ -24,3 +24,11 @@ def restart_rows():
     """restart_rows(m, n): which of n batch vectors m dead codes move onto, as the
     VectorQuantizer docstrings of both twins state it."""
     return lambda m, n: np.arange(m) * (n // m) if m <= n else np.arange(m) % n
+
+
+@pytest.fixture(params=["torch", "jax"])
+def twin(request):
+    """The adapter (tests/twin_adapters.py) of each twin in turn: a test that takes `twin`
+    states its property once and runs against both."""
+    from twin_adapters import ADAPTERS
+    return ADAPTERS[request.param]

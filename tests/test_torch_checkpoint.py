@@ -1,0 +1,66 @@
+"""What only a PyTorch checkpoint file can suffer: a state_dict that does not fit, a file cut
+short, and a pickle crafted to run code (refused unread: torch.load with weights_only)."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from twin_adapters import CPU, MODEL, TorchAdapter, record
+from vqvae_common.errors import UserError
+from vqvae_torch import checkpoint
+from vqvae_torch.train import TorchTwin
+
+TORCH = TorchAdapter()
+
+
+def test_a_checkpoint_missing_a_tensor_is_a_user_error(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    weights = {k: v for k, v in TORCH.make().model.state_dict().items() if k != "quantizer.usage"}
+    checkpoint.save(path, {**record("torch", 3), "model": weights})
+    with pytest.raises(UserError, match="(?s)does not fit.*quantizer.usage"):
+        TorchTwin.from_checkpoint(path, device="cpu")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0, 0.01])
+def test_truncated_checkpoint_is_a_user_error(tmp_path, keep):
+    path = tmp_path / "checkpoint.pt"
+    TORCH.make().save(str(path), 1)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(UserError, match="truncated"):
+        TORCH.make().load(str(path))
+
+
+class _Payload:
+    marker = ""
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = str(marker)
+    path = tmp_path / "checkpoint.pt"
+    obj = {"framework": "torch", "model_config": {}, "model": payload}
+    if writer == "torch.save":
+        torch.save(obj, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    assert not marker.exists()
+    with pytest.raises(UserError):
+        checkpoint.load(str(path), device=CPU, config=MODEL)
+    assert not marker.exists()
+
+
+def test_payload_would_run_when_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = str(marker)
+    pickle.loads(pickle.dumps(payload))
+    assert marker.exists()
