@@ -16,8 +16,9 @@ import torch
 from flax import nnx
 
 from parity_tests.ties import Audit, follow, follow_relus, torch_relu_inputs
+from vqvae_common import layout
 from vqvae_common.config import ModelConfig
-from vqvae_jax import convert
+from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax import model as jax_model
 from vqvae_jax import train as jax_train
 from vqvae_torch import model as torch_model
@@ -41,7 +42,7 @@ class Pair:
             self.flax = jax_model.VQVAE(config, rngs=nnx.Rngs(seed))
             floats = nnx.state(self.flax, lambda _, v: jax.numpy.issubdtype(v.dtype, np.floating))
             nnx.update(self.flax, jax.tree.map(lambda a: a.astype(dtype), floats))
-            convert.torch_to_flax(torch_state(self.torch), self.flax)
+            jax_checkpoint.import_arrays(self.flax, layout.torch_to_flax(torch_state(self.torch)))
 
     def x(self, batch: np.ndarray) -> tuple[torch.Tensor, jax.Array]:
         return to_tensor(batch, self.torch_device), jax.device_put(batch, self.jax_device)
@@ -94,7 +95,7 @@ def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def flax_state(model: jax_model.VQVAE) -> dict[str, np.ndarray]:
-    return convert.flax_to_torch(model)
+    return layout.flax_to_torch(jax_checkpoint.export_arrays(model))
 
 
 def torch_forward(model: torch_model.VQVAE, x: torch.Tensor, train: bool) -> dict[str, np.ndarray]:
@@ -135,15 +136,14 @@ def flax_grads(model: jax_model.VQVAE, x: jax.Array) -> dict[str, np.ndarray]:
     model.train()
     grads = nnx.grad(lambda m: m(x).losses["loss"])(model)
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    as_torch = convert.flax_to_torch(nnx.merge(graphdef, grads, rest))
+    as_torch = flax_state(nnx.merge(graphdef, grads, rest))
     return {k: as_torch[k] for k in torch_state_params(model)}
 
 
 def torch_state_params(model: jax_model.VQVAE) -> list[str]:
     """PyTorch names of the trainable parameters (the nnx.Params: not the BatchNorm
     statistics, not the code usage)."""
-    return [key for key, variable, *_ in convert.leaves(model)
-            if isinstance(variable, nnx.Param)]
+    return list(layout.flax_to_torch(jax_checkpoint.export_arrays(model, nnx.Param)))
 
 
 def train_torch(model: torch_model.VQVAE, batches: list[np.ndarray], lr: float,

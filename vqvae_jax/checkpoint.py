@@ -3,6 +3,10 @@ step into `STEP.orbax-checkpoint-tmp-*` and renames it to `STEP` once complete, 
 any moment leaves the last complete step loadable, plus at worst a temporary folder that is
 not a checkpoint (`remove_partial_writes` deletes it). Each step holds the NNX state (model
 and optimizer) and the shared record (vqvae_common.checkpoint_record) as JSON.
+
+The model's arrays also travel as a flat numpy dict in Flax's own convention (dotted paths
+such as "encoder.conv1.kernel", "encoder.bn1.mean"; kernels (kh, kw, I, O)): export_arrays
+and import_arrays, what vqvae_common.layout translates to and from the PyTorch twin's.
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import os
 import shutil
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vqvae_common import checkpoint_record
+from vqvae_common import checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError
@@ -78,6 +83,23 @@ def load(path: str, config: ModelConfig, like: nnx.State) -> tuple[CheckpointRec
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like)))["state"]
     return record, state
+
+
+def export_arrays(model: nnx.Module, *filters: nnx.filterlib.Filter) -> dict[str, np.ndarray]:
+    """The model's variables (those `filters` select, e.g. nnx.Param; all by default) as
+    numpy copies on the host, by dotted path: weights, BatchNorm statistics, code usage."""
+    return {".".join(map(str, path)): np.array(variable[...])
+            for path, variable in nnx.to_flat_state(nnx.state(model, *filters))}
+
+
+def import_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load export_arrays' dict into `model` in place, each array cast to its variable's
+    dtype; a one-line UserError for a missing or unexpected key, or a wrong shape."""
+    variables = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model)
+                 if isinstance(node, nnx.Variable)}
+    layout.check_fits(arrays, {key: variable[...].shape for key, variable in variables.items()})
+    for key, variable in variables.items():
+        variable[...] = np.asarray(arrays[key]).astype(variable[...].dtype)
 
 
 @contextlib.contextmanager

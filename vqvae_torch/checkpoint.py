@@ -6,6 +6,10 @@ record (vqvae_common.checkpoint_record: framework "torch", model_config, step, w
 temporary file and renamed (vqvae_common.atomic), so a kill at any moment leaves the previous
 file whole. It is loaded with `weights_only=True`, so a crafted pickle that would run code is
 refused.
+
+The model's arrays also travel as a flat numpy dict in PyTorch's own convention (state_dict
+keys and layouts): export_arrays and import_arrays, what vqvae_common.layout translates to
+and from the Flax twin's.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import pickle
 import zipfile
 from typing import Any
 
+import numpy as np
 import torch
 
-from vqvae_common import atomic, checkpoint_record
+from vqvae_common import atomic, checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError
@@ -60,3 +65,17 @@ def load(path: str, device: torch.device, config: ModelConfig | None = None
     if config is not None:
         record.check_config(config, path)
     return record, payload
+
+
+def export_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's state_dict as numpy copies on the host: weights (conv weights
+    (O, I, kh, kw), transposed convs' (I, O, kh, kw)), BatchNorm statistics, code usage."""
+    return {key: np.array(value.detach().cpu()) for key, value in model.state_dict().items()}
+
+
+def import_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load export_arrays' dict into `model` in place; a one-line UserError for a missing or
+    unexpected key, or a wrong shape."""
+    state = model.state_dict()
+    layout.check_fits(arrays, {key: tuple(value.shape) for key, value in state.items()})
+    model.load_state_dict({key: torch.tensor(arrays[key]) for key in state})
