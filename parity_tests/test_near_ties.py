@@ -17,8 +17,8 @@ from parity_tests.inputs import images, smooth_dataset
 from parity_tests.test_forward import SMALL, compare_forward
 from parity_tests.test_gradients import feeds_batchnorm
 from parity_tests.twins import Pair, flax_state, torch_forward, torch_state
-from vqvae_common import data
-from vqvae_jax import convert
+from vqvae_common import data, layout
+from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax import model as jax_model
 
 CONFIG = SMALL["mnist"]
@@ -55,7 +55,7 @@ def plant_tie(pair: Pair, x: np.ndarray) -> None:
     with torch.no_grad():
         codebook = pair.torch.quantizer.codebook
         codebook[b] = codebook[a] * (1 + 1e-7)
-    convert.torch_to_flax(torch_state(pair.torch), pair.flax)
+    jax_checkpoint.import_arrays(pair.flax, layout.torch_to_flax(torch_state(pair.torch)))
 
 
 def planted_pair(x: np.ndarray, device: str, dtype: type = np.float32) -> Pair:

@@ -1,5 +1,7 @@
-"""vqvae_jax.convert: the lossless weight mapping between the twins, and its command line."""
+"""convert.py and vqvae_common.layout: the lossless weight mapping between the twins' flat
+numpy dicts (each twin's export_arrays / import_arrays), and the command line."""
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,15 +12,19 @@ import pytest
 import torch
 from flax import nnx
 
+from vqvae_common import layout
 from vqvae_common.config import DATASETS, ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint as jax_checkpoint
-from vqvae_jax import convert
 from vqvae_jax.model import VQVAE
 from vqvae_jax.train import JaxTwin
+from vqvae_torch import checkpoint as torch_checkpoint
 from vqvae_torch.train import TorchTwin, to_numpy, to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("convert", ROOT / "convert.py")
+convert = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert)
 SMALL = {"mnist": ModelConfig(in_channels=1, hidden=16, num_codes=32),
          "cifar10": ModelConfig(in_channels=3, hidden=16, num_codes=32)}
 TINY = ModelConfig(in_channels=1, hidden=8, num_codes=16)
@@ -43,6 +49,14 @@ def _state_dict(model):
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def _torch_to_flax(state_dict, model):
+    jax_checkpoint.import_arrays(model, layout.torch_to_flax(state_dict))
+
+
+def _flax_to_torch(model):
+    return layout.flax_to_torch(jax_checkpoint.export_arrays(model))
+
+
 def _assert_bit_identical(expected, actual):
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
@@ -59,13 +73,13 @@ def test_torch_flax_torch_round_trip_is_bit_identical(preset):
     assert not np.allclose(state_dict["decoder.res1.bn2.running_var"], 1.0)
 
     model = VQVAE(config, rngs=nnx.Rngs(1))
-    convert.torch_to_flax(state_dict, model)
+    _torch_to_flax(state_dict, model)
     np.testing.assert_array_equal(np.asarray(model.encoder.conv1.kernel[...]),
                                   state_dict["encoder.conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(np.asarray(model.decoder.deconv1.kernel[...]),
                                   state_dict["decoder.deconv1.weight"].transpose(2, 3, 0, 1))
     assert int(model.decoder.bn1.count[...]) == 2
-    _assert_bit_identical(state_dict, convert.flax_to_torch(model))
+    _assert_bit_identical(state_dict, _flax_to_torch(model))
 
 
 @pytest.mark.parametrize("preset", ["mnist", "cifar10"])
@@ -73,7 +87,7 @@ def test_converted_model_reconstructs_like_torch(preset):
     config = SMALL[preset]
     twin = _trained_torch(config, steps=3)
     model = VQVAE(config, rngs=nnx.Rngs(1))
-    convert.torch_to_flax(_state_dict(twin.model), model)
+    _torch_to_flax(_state_dict(twin.model), model)
     model.eval()
     twin.model.eval()
 
@@ -94,21 +108,24 @@ def test_missing_or_unexpected_key_is_a_user_error():
     missing = dict(state_dict)
     del missing["decoder.bn1.running_var"]
     with pytest.raises(UserError, match="missing.*decoder.bn1.running_var"):
-        convert.torch_to_flax(missing, model)
+        torch_checkpoint.import_arrays(TorchTwin(config, TrainConfig(device="cpu")).model,
+                                       missing)
+    with pytest.raises(UserError, match="missing.*decoder.bn1.var"):  # its Flax name
+        _torch_to_flax(missing, model)
     extra = {**state_dict, "decoder.extra.weight": np.zeros(3, np.float32)}
     with pytest.raises(UserError, match="unexpected.*decoder.extra.weight"):
-        convert.torch_to_flax(extra, model)
+        _torch_to_flax(extra, model)
 
 
 def test_wrong_shape_is_a_user_error():
     other = dataclasses.replace(SMALL["mnist"], hidden=8)
     state_dict = _state_dict(TorchTwin(other, TrainConfig(device="cpu")).model)
     with pytest.raises(UserError, match="shape"):
-        convert.torch_to_flax(state_dict, VQVAE(SMALL["mnist"], rngs=nnx.Rngs(0)))
+        _torch_to_flax(state_dict, VQVAE(SMALL["mnist"], rngs=nnx.Rngs(0)))
 
 
 def _convert_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "vqvae_jax.convert", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "convert.py", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Convert a checkpoint of one twin into the other's format, losslessly: the model weights,
+BatchNorm statistics and code usage (not the optimizer state).
+
+    python convert.py --from-torch runs/t/checkpoint.pt --out runs/t_as_flax
+    python convert.py --from-jax runs/j/checkpoint --out runs/j_as_torch.pt
+
+The source twin's checkpoint is loaded into its own model and exported as a flat numpy dict
+in its own convention, vqvae_common.layout translates the dict, and the other twin imports
+it into its model, each import checking every key and shape. The converted checkpoint
+records the source's model config and step, and is weights-only: it can be evaluated, never
+resumed.
+"""
+import sys
+from collections.abc import Sequence
+
+import torch
+from flax import nnx
+
+from vqvae_common import cli, layout
+from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_jax import checkpoint as jax_checkpoint
+from vqvae_jax import train as jax_train
+from vqvae_torch import checkpoint as torch_checkpoint
+from vqvae_torch import model as torch_model
+
+
+def torch_to_flax(source: str, out: str) -> None:
+    record, payload = torch_checkpoint.load(source, torch.device("cpu"))
+    model = torch_model.VQVAE(record.model_config)
+    torch_checkpoint.import_arrays(model, {k: v.numpy() for k, v in payload["model"].items()})
+    # an optimizer state rides along only because a Flax checkpoint's state includes one
+    flax_model, optimizer = jax_train.create(record.model_config, lr=1e-3, seed=0)
+    jax_checkpoint.import_arrays(flax_model,
+                                 layout.torch_to_flax(torch_checkpoint.export_arrays(model)))
+    converted = CheckpointRecord("jax", record.model_config, record.step, weights_only=True)
+    jax_checkpoint.save(out, record.step, nnx.state((flax_model, optimizer)),
+                        converted.to_dict())
+
+
+def flax_to_torch(source: str, out: str) -> None:
+    config = jax_checkpoint.read_record(source).model_config
+    flax_model, optimizer = jax_train.create(config, lr=1e-3, seed=0)
+    record, state = jax_checkpoint.load(source, config, nnx.state((flax_model, optimizer)))
+    nnx.update((flax_model, optimizer), state)
+    model = torch_model.VQVAE(config)
+    torch_checkpoint.import_arrays(model,
+                                   layout.flax_to_torch(jax_checkpoint.export_arrays(flax_model)))
+    converted = CheckpointRecord("torch", config, record.step, weights_only=True)
+    torch_checkpoint.save(out, {**converted.to_dict(), "model": model.state_dict()})
+
+
+def run(argv: Sequence[str] | None) -> None:
+    parser = cli.UserErrorParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-torch", metavar="FILE", help="a train_torch.py checkpoint.pt")
+    source.add_argument("--from-jax", metavar="DIR", help="a train_jax.py checkpoint directory")
+    parser.add_argument("--out", required=True, help="where to write the converted checkpoint")
+    args = parser.parse_args(argv)
+    if args.from_torch:
+        torch_to_flax(args.from_torch, args.out)
+    else:
+        flax_to_torch(args.from_jax, args.out)
+    print(f"wrote {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.report_errors(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
