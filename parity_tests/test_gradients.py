@@ -15,17 +15,15 @@ import pytest
 
 from parity_tests import tolerances as tol
 from parity_tests.inputs import images
-from parity_tests.test_forward import SMALL
-from parity_tests.twins import Pair
-from vqvae_common.config import DATASETS
+from parity_tests.test_forward import make_pair
 
 
 @pytest.mark.parametrize("preset", ["mnist", "cifar10"])
 @pytest.mark.parametrize("width,seed,batch", [("preset", 1, 1), ("preset", 2, 16),
                                               ("small", 0, 1), ("small", 2, 1),
-                                              ("small", 1, 7)])
+                                              ("small", 1, 7), ("small plain", 1, 7)])
 def test_gradients_match(preset, width, seed, batch, device, check, note):
-    pair = Pair(DATASETS[preset].preset if width == "preset" else SMALL[preset], seed, device)
+    pair = make_pair(preset, width, seed, device)
     t, f = pair.grads(images(preset, batch, seed))
     pair.audit.verify(note)
     assert set(f) == set(t)

@@ -28,10 +28,12 @@ from vqvae_torch.train import to_numpy, to_tensor
 
 class Pair:
     """A PyTorch VQ-VAE and the Flax VQ-VAE converted from its weights. With dtype float64
-    both compute in float64 (the Flax one only inside `jax.enable_x64()`)."""
+    both compute in float64 (the Flax one only inside `jax.enable_x64()`). fast_cpu: the
+    Flax model's path (vqvae_jax.model.use_fast_cpu; None: the fast CPU kernels on a CPU,
+    plain XLA ops elsewhere)."""
 
     def __init__(self, config: ModelConfig, seed: int, device: str,
-                 dtype: type = np.float32) -> None:
+                 dtype: type = np.float32, fast_cpu: bool | None = None) -> None:
         torch.manual_seed(seed)
         self.torch_device = torch.device("cuda" if device == "gpu" else "cpu")
         self.jax_device = jax.devices(device)[0]
@@ -39,7 +41,7 @@ class Pair:
         self.torch = torch_model.VQVAE(config).to(self.torch_device, torch.from_numpy(
             np.zeros(0, dtype)).dtype)
         with jax.default_device(self.jax_device):
-            self.flax = jax_model.VQVAE(config, rngs=nnx.Rngs(seed))
+            self.flax = jax_model.VQVAE(config, fast_cpu=fast_cpu, rngs=nnx.Rngs(seed))
             floats = nnx.state(self.flax, lambda _, v: jax.numpy.issubdtype(v.dtype, np.floating))
             nnx.update(self.flax, jax.tree.map(lambda a: a.astype(dtype), floats))
             jax_checkpoint.import_arrays(self.flax, layout.torch_to_flax(torch_state(self.torch)))
