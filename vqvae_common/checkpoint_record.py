@@ -53,4 +53,4 @@ def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool
                                 bool(raw.get("weights_only")) or not holds_optimizer)
     found = declared if declared in FRAMEWORK_NAMES and declared != framework else "foreign"
     raise UserError(f"{path} is a {found} checkpoint, not a {FRAMEWORK_NAMES[framework]} "
-                    f"checkpoint of this project; convert it first (python -m vqvae_jax.convert)")
+                    f"checkpoint of this project; convert it first (python convert.py)")
