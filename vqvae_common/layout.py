@@ -14,12 +14,13 @@ leaves differ, by name, layout or integer width:
     any other    the same name and layout (conv and BatchNorm biases, quantizer.codebook
                  (K, D), quantizer.usage (K,))
 
-A module's kind is read from its name, as both twins name their modules. The transposed
-convolution (deconv*) is the only module whose layout differs from another's with the same
-leaf names: a kind of its own, where its layout alone would not tell it from a conv. Every
-change is a transpose or an exact integer cast, so torch -> flax -> torch returns
-bit-identical arrays. A leaf this table does not know keeps its name, and the importing twin
-reports it as unexpected.
+A module's kind is read from its name (conv1, deconv2, bn1, ...), as both twins name their
+modules. Only `weight` needs it: a convolution's kernel, a BatchNorm's scale, or a transposed
+convolution's kernel, the one leaf whose layout depends on the module kind (deconv*: its
+PyTorch weight is (I, O, kh, kw), where a convolution's is (O, I, kh, kw)). Every change is
+a transpose or an exact integer cast, so torch -> flax -> torch returns bit-identical arrays.
+A leaf the table does not name keeps its name and layout; an importing twin refuses any key
+its model lacks.
 """
 from __future__ import annotations
 
