@@ -1,8 +1,7 @@
-"""vqvae_jax.model, tested as its twin is in tests/test_torch_model.py (NHWC layout), plus the
-Flax-only pieces that must reproduce PyTorch: BatchNorm and the convolutions, each on both its
-plain XLA path and its fast CPU path (vqvae_jax/xla_cpu.py), and the quantizer's
-HIGHEST-precision distance matmul."""
-import math
+"""The Flax-only pieces of vqvae_jax.model that must reproduce PyTorch: BatchNorm and the
+convolutions, each on both its plain XLA path and its fast CPU path (vqvae_jax/xla_cpu.py),
+and the quantizer's HIGHEST-precision distance matmul. What both twins' models share is
+tested once for both in tests/test_model.py."""
 import re
 
 import jax
@@ -12,240 +11,12 @@ import pytest
 import torch
 from flax import nnx
 
+from twin_adapters import JaxAdapter
 from vqvae_common import config
-from vqvae_common.config import DATASETS, ModelConfig
+from vqvae_common.config import ModelConfig
 from vqvae_jax import model as jax_model
 from vqvae_jax import xla_cpu
-from vqvae_jax.model import (VQVAE, BatchNorm, ConvTranspose, ResidualBlock, VectorQuantizer,
-                             nearest_codes)
-
-CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]  # K=3, D=2
-Z = [[0.9, 0.2], [0.1, 1.2]]  # two latent vectors, laid out as z_e (1, 1, 2, D) below
-# ||z - e_k||^2 by hand:   e0            e1            e2
-DIST = [[0.81 + 0.04, 0.01 + 0.04, 0.81 + 3.24],
-        [0.01 + 1.44, 0.81 + 1.44, 0.01 + 0.64]]
-
-
-def _quantizer(codebook):
-    vq = VectorQuantizer(*np.shape(codebook), rngs=nnx.Rngs(0))
-    vq.codebook[...] = jnp.asarray(codebook, jnp.float32)
-    return vq
-
-
-def _z_e(vectors, h=1):
-    """(N, D) vectors -> z_e (1, h, N/h, D)."""
-    z = jnp.asarray(vectors, jnp.float32)
-    return z.reshape(1, h, -1, z.shape[1])
-
-
-def _functional(vq):
-    """(f, params): f(params, z_e) -> Quantized, a pure function of the codebook and z_e
-    (in eval mode, which leaves the usage statistics as they are)."""
-    vq.eval()
-    graphdef, params, usage = nnx.split(vq, nnx.Param, ...)
-    return (lambda p, z: nnx.merge(graphdef, p, usage)(z)), params
-
-
-def _codebook_of(state):
-    (leaf,) = jax.tree.leaves(state)
-    return np.asarray(leaf)
-
-
-def test_hand_computed_distances_pick_the_nearest_code():
-    np.testing.assert_allclose(DIST, ((np.array(Z)[:, None] - np.array(CODEBOOK)) ** 2).sum(-1))
-    q = _quantizer(CODEBOOK)(_z_e(Z))
-    assert q.indices.shape == (1, 1, 2) and q.indices.dtype == jnp.int32
-    assert np.asarray(q.indices).flatten().tolist() == [1, 2] == np.argmin(DIST, 1).tolist()
-    np.testing.assert_allclose(np.asarray(q.z_q[0, 0]), [CODEBOOK[1], CODEBOOK[2]], atol=1e-6)
-    # (0.1^2 + 0.2^2 + 0.1^2 + 0.8^2) / 4 elements
-    assert float(q.codebook_loss) == pytest.approx(0.175, rel=1e-6)
-    assert float(q.commitment_loss) == pytest.approx(0.175, rel=1e-6)
-
-
-def test_random_latents_map_to_the_nearest_code():
-    rng = np.random.default_rng(0)
-    codebook = rng.normal(size=(16, 4)).astype(np.float32)
-    z = rng.normal(size=(2 * 3 * 5, 4)).astype(np.float32)
-    q = _quantizer(codebook)(_z_e(z, h=6))
-    nearest = ((z[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
-    np.testing.assert_array_equal(np.asarray(q.indices).flatten(), nearest)
-    np.testing.assert_allclose(np.asarray(q.z_q).reshape(-1, 4), codebook[nearest], atol=1e-6)
-
-
-@pytest.mark.parametrize("block", [37 * 64, 37 * 7, 10])  # several blocks, a ragged last one
-def test_distances_in_blocks_pick_the_same_codes(block, monkeypatch):
-    monkeypatch.setattr(config, "DISTANCE_BLOCK", block)
-    rng = np.random.default_rng(2)
-    flat = rng.normal(size=(1000, 8)).astype(np.float32)
-    codebook = rng.normal(size=(37, 8)).astype(np.float32)
-    nearest = ((flat[:, None].astype(np.float64) - codebook) ** 2).sum(-1).argmin(1)
-    found = nearest_codes(jnp.asarray(flat), jnp.asarray(codebook))
-    np.testing.assert_array_equal(np.asarray(found), nearest)
-
-
-def test_straight_through_gradient_is_the_identity():
-    f, params = _functional(VectorQuantizer(8, 4, rngs=nnx.Rngs(0)))
-    z_e = jax.random.normal(jax.random.key(1), (2, 3, 3, 4))
-    upstream = jax.random.normal(jax.random.key(2), (2, 3, 3, 4))
-    _, vjp = jax.vjp(lambda p, z: f(p, z).z_q, params, z_e)
-    codebook_grad, z_grad = vjp(upstream)
-    np.testing.assert_array_equal(np.asarray(z_grad), np.asarray(upstream))
-    assert not _codebook_of(codebook_grad).any()
-
-
-def test_commitment_term_does_not_reach_the_codebook():
-    f, params = _functional(_quantizer(CODEBOOK))
-    codebook_grad, z_grad = jax.grad(lambda p, z: f(p, z).commitment_loss, (0, 1))(
-        params, _z_e(Z))
-    assert not _codebook_of(codebook_grad).any()
-    expected = 2 * (np.array(Z) - np.array(CODEBOOK)[[1, 2]]) / 4
-    np.testing.assert_allclose(np.asarray(z_grad[0, 0]), expected, rtol=1e-6)
-
-
-def test_codebook_term_trains_only_the_codebook():
-    rng = np.random.default_rng(1)
-    codebook = rng.normal(size=(5, 3)).astype(np.float32)
-    z = rng.normal(size=(12, 3)).astype(np.float32)
-    f, params = _functional(_quantizer(codebook))
-    z_e = _z_e(z, h=3)
-    codebook_grad, z_grad = jax.grad(lambda p, z: f(p, z).codebook_loss, (0, 1))(params, z_e)
-    assert not np.asarray(z_grad).any()
-    idx = np.asarray(f(params, z_e).indices).flatten()
-    expected = np.zeros_like(codebook)
-    np.add.at(expected, idx, 2 * (codebook[idx] - z) / z.size)
-    assert len(set(idx)) > 1
-    np.testing.assert_allclose(_codebook_of(codebook_grad), expected, rtol=1e-5, atol=1e-7)
-
-
-def test_usage_is_a_moving_average_of_code_shares_in_train_mode_only():
-    vq = VectorQuantizer(3, 2, usage_decay=0.9, rngs=nnx.Rngs(0))
-    vq.codebook[...] = jnp.asarray(CODEBOOK)
-    vq.train()
-    vq(_z_e(Z))  # indices [1, 2]: shares [0, 1/2, 1/2]
-    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0, 0.05, 0.05], rtol=1e-6)
-    vq(_z_e([Z[0], Z[0]]))  # indices [1, 1]
-    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0, 0.045 + 0.1, 0.045], rtol=1e-6)
-    vq.eval()
-    vq(_z_e(Z))
-    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0, 0.145, 0.045], rtol=1e-6)
-
-
-def test_dead_codes_restart_on_evenly_spaced_batch_vectors():
-    vq = VectorQuantizer(4, 2, restart_below=0.01, rngs=nnx.Rngs(0))
-    codebook = np.asarray(vq.codebook[...])
-    vq.usage[...] = jnp.asarray([0.5, 0.0, 0.5, 0.002])  # dead below 0.01 / 4: 1 and 3
-    z = np.arange(12, dtype=np.float32).reshape(6, 2)
-    vq.restart_dead_codes(_z_e(z, h=2))
-    # M = 2 dead codes, N = 6 vectors: rank 0 -> vector 0, rank 1 -> vector floor(6 / 2) = 3
-    expected = codebook.copy()
-    expected[[1, 3]] = z[[0, 3]]
-    np.testing.assert_array_equal(np.asarray(vq.codebook[...]), expected)
-    np.testing.assert_allclose(np.asarray(vq.usage[...]), [0.5, 0.25, 0.5, 0.25])
-
-
-def test_more_dead_codes_than_vectors_wrap_around_the_batch():
-    vq = VectorQuantizer(5, 2, restart_below=0.01, rngs=nnx.Rngs(0))
-    z = np.arange(6, dtype=np.float32).reshape(3, 2)
-    vq.restart_dead_codes(_z_e(z))  # all 5 dead (usage 0), N = 3: vectors 0, 1, 2, 0, 1
-    np.testing.assert_array_equal(np.asarray(vq.codebook[...]), z[[0, 1, 2, 0, 1]])
-
-
-def test_restart_below_zero_never_restarts():
-    vq = VectorQuantizer(4, 2, restart_below=0.0, rngs=nnx.Rngs(0))
-    codebook = np.asarray(vq.codebook[...])
-    vq.restart_dead_codes(_z_e(np.ones((6, 2), np.float32), h=2))
-    np.testing.assert_array_equal(np.asarray(vq.codebook[...]), codebook)
-    assert not np.asarray(vq.usage[...]).any()
-
-
-def test_losses_match_numpy():
-    model = VQVAE(ModelConfig(in_channels=1, hidden=8, num_codes=16, beta=0.25),
-                  rngs=nnx.Rngs(0))
-    model.train()
-    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1)
-    z_e = nnx.clone(model).encoder(x)  # train mode: batch statistics, as inside model(x)
-    out = model(x)
-
-    z = np.asarray(z_e, np.float64).reshape(-1, 8)
-    codebook = np.asarray(model.quantizer.codebook[...], np.float64)
-    idx = ((z[:, None] - codebook) ** 2).sum(-1).argmin(1)
-    z_q = codebook[idx]
-    recon = np.mean((np.asarray(out.recon, np.float64) - np.asarray(x, np.float64)) ** 2)
-    codebook_term = np.mean((z_q - z) ** 2)
-    total = recon + codebook_term + 0.25 * codebook_term
-
-    np.testing.assert_array_equal(np.asarray(out.indices).flatten(), idx)
-    assert float(out.losses["recon"]) == pytest.approx(recon, rel=1e-5)
-    assert float(out.losses["codebook"]) == pytest.approx(codebook_term, rel=1e-5)
-    assert float(out.losses["commitment"]) == pytest.approx(codebook_term, rel=1e-5)
-    assert float(out.losses["loss"]) == pytest.approx(total, rel=1e-5)
-    assert total != pytest.approx(recon + 2 * codebook_term, rel=1e-3)
-
-    z_q_nhwc = jnp.asarray(z_q, jnp.float32).reshape(4, 7, 7, 8)
-    np.testing.assert_allclose(np.asarray(model.decoder(z_q_nhwc)), np.asarray(out.recon),
-                               rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("dataset, size, latent", [("mnist", 28, 7), ("cifar10", 32, 8)])
-def test_preset_shapes(dataset, size, latent):
-    config = DATASETS[dataset].preset
-    model = VQVAE(config, rngs=nnx.Rngs(0))
-    model.eval()
-    x = jax.random.uniform(jax.random.key(1), (2, size, size, config.in_channels),
-                           minval=-1, maxval=1)
-    z_e = model.encoder(x)
-    out = model(x)
-    d = {"mnist": 128, "cifar10": 256}[dataset]
-    assert z_e.shape == (2, latent, latent, d)
-    assert model.quantizer.codebook[...].shape == (512, d)
-    assert out.recon.shape == x.shape
-    assert out.indices.shape == (2, latent, latent)
-    assert float(jnp.abs(out.recon).max()) <= 1.0
-    assert set(out.losses) == {"loss", "recon", "codebook", "commitment"}
-
-
-def test_initialisers():
-    model = VQVAE(DATASETS["mnist"].preset, rngs=nnx.Rngs(0))
-    convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, (nnx.Conv, ConvTranspose))]
-    assert len(convs) == 12
-    for conv in convs:
-        assert not np.asarray(conv.bias[...]).any()
-        w = np.asarray(conv.kernel[...])  # (kh, kw, I, O)
-        receptive = w.shape[0] * w.shape[1]
-        xavier = math.sqrt(2.0 / ((w.shape[2] + w.shape[3]) * receptive))
-        assert w.std() == pytest.approx(xavier, rel=0.1), conv
-        # a plain normal, not Flax's truncated default: a truncated normal of this std never
-        # exceeds 2.28 std; here ~1.2% of at least 2048 entries lie beyond 2.5 std
-        assert (np.abs(w) > 2.5 * xavier).any(), conv
-    k = DATASETS["mnist"].preset.num_codes
-    codebook = np.asarray(model.quantizer.codebook[...])
-    assert np.abs(codebook).max() <= 1 / k
-    assert codebook.min() < -0.9 / k and codebook.max() > 0.9 / k
-
-
-def test_residual_block_skip_carries_x_not_relu_x():
-    block = ResidualBlock(4, rngs=nnx.Rngs(0))
-    block.train()
-    x = -jax.random.uniform(jax.random.key(1), (2, 5, 5, 4)) - 0.5
-    out = block(x)
-    # relu(x) = 0, and batch norm in train mode maps the constant conv output to 0: F(x) = 0
-    np.testing.assert_allclose(np.asarray(out), np.asarray(x), atol=1e-4, rtol=0)
-
-
-def test_residual_block_is_x_plus_f_of_x():
-    block = ResidualBlock(4, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for bn in (block.bn1, block.bn2):
-        bn.mean[...] = jnp.asarray(rng.uniform(-0.5, 0.5, 4), jnp.float32)
-        bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
-    block.eval()
-    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 4))
-    f = block.bn2(block.conv2(jax.nn.relu(block.bn1(block.conv1(jax.nn.relu(x))))))
-    np.testing.assert_allclose(np.asarray(block(x)), np.asarray(x + f), rtol=1.3e-6, atol=1e-5)
-
-
-# --- Flax only: the pieces written out to reproduce PyTorch's semantics ---------------------
-
+from vqvae_jax.model import VQVAE, BatchNorm, ConvTranspose
 
 PATHS = [pytest.param(False, id="plain"), pytest.param(True, id="fast_cpu")]
 BATCH_NORMS = {False: jax_model.batch_norm, True: xla_cpu.batch_norm}
@@ -502,9 +273,9 @@ def _dot_generals(jaxpr):
 @pytest.mark.parametrize("block", [config.DISTANCE_BLOCK, 3])  # one block; one row per block
 def test_quantizer_distances_use_highest_precision(block, monkeypatch):
     monkeypatch.setattr(config, "DISTANCE_BLOCK", block)
-    vq = _quantizer(CODEBOOK)
+    vq = JaxAdapter().quantizer(3, 2)
     vq.eval()  # a closure may not update the usage statistics under make_jaxpr
-    jaxpr = jax.make_jaxpr(lambda z: vq(z).indices)(_z_e(Z)).jaxpr
+    jaxpr = jax.make_jaxpr(lambda z: vq(z).indices)(jnp.ones((1, 1, 2, 2))).jaxpr
     dots = list(_dot_generals(jaxpr))
     assert dots, jaxpr
     for dot in dots:

@@ -44,9 +44,10 @@ def test_train_step_restarts_dead_codes_onto_the_batch(twin, batch, restart_rows
     trained = twin.make()
     z = twin.train_mode_encoder_outputs(trained, batch).reshape(-1, MODEL.hidden)
     trained.train_step(batch)
-    restarted = twin.usage(trained) == np.float32(1 / MODEL.num_codes)
+    quantizer = twin.model_of(trained).quantizer
+    restarted = twin.usage(quantizer) == np.float32(1 / MODEL.num_codes)
     assert restarted.any()  # usage starts at 0: the first step restarts the rarely picked codes
-    np.testing.assert_allclose(twin.codebook(trained)[restarted],
+    np.testing.assert_allclose(twin.codebook(quantizer)[restarted],
                                z[restart_rows(restarted.sum(), len(z))],
                                **twin.restart_tolerance)
 
@@ -89,7 +90,8 @@ def test_encode_decode_shapes(twin, batch):
 def test_same_seed_gives_identical_losses(twin, batch):
     a, b, c = twin.make(seed=0), twin.make(seed=0), twin.make(seed=1)
     assert_same_training_state(twin, a, b)
-    assert not np.array_equal(twin.encoder_kernel(a), twin.encoder_kernel(c))
+    assert not np.array_equal(twin.encoder_kernel(twin.model_of(a)),
+                              twin.encoder_kernel(twin.model_of(c)))
     losses_a = [a.fetch(a.train_step(batch)) for _ in range(3)]
     losses_b = [b.fetch(b.train_step(batch)) for _ in range(3)]
     assert losses_a == losses_b
@@ -107,10 +109,11 @@ def test_save_load_round_trip(twin, tmp_path, batch):
     assert 7 in twin.saved_steps(path)
 
     b = twin.make(seed=1)
-    assert not np.array_equal(twin.codebook(a), twin.codebook(b))
+    assert not np.array_equal(twin.codebook(twin.model_of(a).quantizer),
+                              twin.codebook(twin.model_of(b).quantizer))
     assert b.load(path) == 7
     assert_same_training_state(twin, a, b)
-    assert twin.batch_norm_count(b) == twin.optimizer_step(b) == 2
+    assert twin.batch_norm_count(twin.model_of(b)) == twin.optimizer_step(b) == 2
     assert twin.codebook_moment(b).any()
 
     losses_a = a.fetch(a.train_step(batch))
