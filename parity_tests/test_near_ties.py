@@ -65,7 +65,7 @@ def planted_pair(x: np.ndarray, device: str, dtype: type = np.float32) -> Pair:
 
 
 def test_a_tie_resolved_the_other_way_passes_forward_gradients_and_batchnorm(
-        monkeypatch, device, check, note):
+        monkeypatch, device, check):
     monkeypatch.setattr(jax_model, "nearest_codes", runner_up_at_ties)
     x = images("mnist", 7, 0)
     pair = planted_pair(x, device)
@@ -81,18 +81,18 @@ def test_a_tie_resolved_the_other_way_passes_forward_gradients_and_batchnorm(
     for key in t:
         if key.endswith(("running_mean", "running_var", "usage")):
             check("planted tie: batchnorm statistics and code usage", f[key], t[key], tol.BATCHNORM)
-    pair.audit.verify(note)
+    pair.audit.verify()  # planted ties: asserted below, kept out of the report
     assert pair.audit.aligned > 0, "the planted tie was never resolved the other way"
 
 
-def test_a_tie_resolved_the_other_way_passes_training(monkeypatch, device, check, note):
+def test_a_tie_resolved_the_other_way_passes_training(monkeypatch, device, check):
     monkeypatch.setattr(jax_model, "nearest_codes", runner_up_at_ties)
     with jax.enable_x64(True):
         batches = list(data.batches(smooth_dataset("mnist", 5 * 16), 16, seed=0, epoch=0))
         batches = [b.astype(np.float64) for b in batches]
         pair = planted_pair(batches[0], device, np.float64)
         t_history, f_history, trained = pair.train(batches, lr=3e-4)
-        pair.audit.verify(note)
+        pair.audit.verify()  # planted ties: asserted below, kept out of the report
         assert pair.audit.aligned > 0, "the planted tie was never resolved the other way"
         for f, t in zip(f_history, t_history):
             for term in t:
