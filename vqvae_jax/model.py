@@ -15,7 +15,7 @@ Loss, with sg = jax.lax.stop_gradient and every mean over all elements:
          recon                codebook                 commitment
 
 Module paths equal PyTorch's (encoder.conv1, decoder.deconv2, quantizer.codebook, ...); leaf
-names follow Flax (kernel, scale, mean, var) and vqvae_jax/convert.py maps them. Conv kernels
+names follow Flax (kernel, scale, mean, var) and vqvae_common/layout.py maps them. Conv kernels
 are xavier-normal (not Flax's truncated default) with zero biases, the codebook
 uniform(-1/K, 1/K). BatchNorm and the transposed convolution reproduce PyTorch's semantics,
 so that both twins compute the same function.
