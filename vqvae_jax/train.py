@@ -74,6 +74,9 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.
 
 
 class JaxTwin:
+    """vqvae_common.loop's Twin in Flax: one nnx.State of (model, optimizer) on one device,
+    stepped by one jitted call that donates it; checkpoints are an orbax directory."""
+
     checkpoint_name = "checkpoint"
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)

@@ -59,6 +59,9 @@ def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, batch: torch.Tens
 
 
 class TorchTwin:
+    """vqvae_common.loop's Twin in PyTorch: the model and its Adam on one device, stepped
+    eagerly; checkpoints are one file."""
+
     checkpoint_name = "checkpoint.pt"
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
