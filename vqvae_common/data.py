@@ -93,7 +93,7 @@ def _cache_path(dataset_dir: str, name: str, split: str) -> str | None:
     if not records:
         return None
     stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in records]
-    key = hashlib.sha256(repr((dataset_dir, stats)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((os.path.realpath(dataset_dir), stats)).encode()).hexdigest()[:16]
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(root, "vqvae_twins", f"{name}-{split}-{key}.npy")
 
