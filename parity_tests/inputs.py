@@ -19,7 +19,7 @@ if BATCH_ORDER not in ("given", "reversed"):
 
 def arrange(batch: np.ndarray) -> np.ndarray:
     """The batch in the order PARITY_BATCH_ORDER asks for."""
-    return np.ascontiguousarray(batch[::-1]) if BATCH_ORDER == "reversed" else batch
+    return batch[::-1].copy() if BATCH_ORDER == "reversed" else batch  # copy: no negative strides
 
 
 def images(preset: str, batch: int, seed: int) -> np.ndarray:
