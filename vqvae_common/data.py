@@ -19,12 +19,12 @@ import glob
 import hashlib
 import os
 import socket
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from vqvae_common import atomic
 from vqvae_common.config import DATASETS
 from vqvae_common.errors import UserError
 
@@ -110,10 +110,8 @@ def _write_cache(path: str | None, images: np.ndarray) -> None:
         return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp",
-                                         delete=False) as f:
-            np.save(f, images)
-        os.replace(f.name, path)  # atomic: a reader sees the whole array or none
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)  # a file, not a name: np.save would append ".npy" to tmp
     except OSError:
         pass
 
