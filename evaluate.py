@@ -4,8 +4,9 @@
     python evaluate.py --checkpoint runs/t/checkpoint.pt [--json OUT]   # PyTorch: a file
     python evaluate.py --checkpoint runs/j/checkpoint [--json OUT]      # Flax: a directory
 
-Prints and writes (--json) mse (on [-1, 1]), psnr (dB, on [0, 255]), ssim, perplexity (over
-the whole split), codes_used (fraction of the K codes) and images_per_s. Given the same
+Prints and writes (--json) mse (on [-1, 1]), psnr (dB, on [0, 255], from the split's MSE),
+psnr_8bit (dB, each image rounded to 8 bits, averaged over images as papers report it), ssim,
+perplexity (over the whole split), codes_used (fraction of the K codes) and images_per_s. Given the same
 weights, both frameworks' checkpoints give the same numbers.
 
 The test split is --dataset's. Without it, it is the dataset in the config.json that training
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from vqvae_common import cli, config, data, loop
 from vqvae_common.errors import UserError
 
-KEYS = ("mse", "psnr", "ssim", "perplexity", "codes_used", "images_per_s")
+KEYS = ("mse", "psnr", "psnr_8bit", "ssim", "perplexity", "codes_used", "images_per_s")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -37,8 +37,22 @@ def test_cifar10_preset():
 
 def test_model_overrides():
     model, _ = cli.parse("torch", ["--beta", "0.25", "--hidden", "64", "--num-codes", "32",
-                                   "--restart-below", "0"])
-    assert dataclasses.astuple(model) == (1, 64, 32, 0.25, 0.0, 0.99)
+                                   "--restart-below", "0", "--codebook-update", "ema",
+                                   "--ema-decay", "0.9", "--ema-epsilon", "1e-3"])
+    assert dataclasses.astuple(model) == (1, 64, 32, 0.25, 0.0, 0.99, "ema", 0.9, 1e-3)
+
+
+def test_codebook_init_flags_reach_the_config():
+    _, train = cli.parse("torch", ["--codebook-init", "kmeans", "--kmeans-images", "256",
+                                   "--kmeans-iterations", "3"])
+    assert (train.codebook_init, train.kmeans_images, train.kmeans_iterations) == (
+        "kmeans", 256, 3)
+
+
+def test_a_checkpoint_from_before_the_ema_option_holds_a_gradient_codebook():
+    recorded = dataclasses.asdict(config.ModelConfig())
+    del recorded["codebook_update"]
+    assert config.model_config(recorded).codebook_update == "grad"
 
 
 def test_train_flags_reach_the_config():
@@ -51,7 +65,9 @@ def test_train_flags_reach_the_config():
 @pytest.mark.parametrize("argv", [
     ["--dataset", "nope"], ["--batch-size", "0"], ["--batch-size", "-3"], ["--lr", "nan"],
     ["--lr", "5"], ["--lr", "inf"], ["--frobnicate"], ["--epochs", "two"], ["--beta", "-1"],
-    ["--restart-below", "-0.1"], ["--restart-below", "0.9"],
+    ["--restart-below", "-0.1"], ["--restart-below", "0.9"], ["--codebook-update", "sgd"],
+    ["--ema-decay", "1"], ["--ema-epsilon", "0"], ["--codebook-init", "random"],
+    ["--kmeans-images", "0"],
 ])
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):
@@ -72,7 +88,8 @@ def test_out_of_range_message_names_the_flag_and_its_bounds(argv, message):
 def test_every_config_field_is_a_flag_explained_in_help():
     parser = cli.build_parser("jax")
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    model_fields = {"hidden", "num_codes", "beta", "restart_below"}
+    model_fields = {"hidden", "num_codes", "beta", "restart_below", "codebook_update",
+                    "ema_decay", "ema_epsilon"}
     assert set(actions) == {f.name for f in dataclasses.fields(config.TrainConfig)} | model_fields
     assert all(action.help for action in actions.values())
     text = " ".join(parser.format_help().split())

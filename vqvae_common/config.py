@@ -33,8 +33,8 @@ def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta, and
-    when the quantizer restarts a dead code (see VectorQuantizer.restart_dead_codes).
+    """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta, how the
+    codebook learns, and when the quantizer restarts a dead code (see VectorQuantizer).
 
     restart_below: a code is dead when its moving-average share of the encoder vectors falls
         below restart_below / K (1/K is the uniform share); 0 never restarts (the paper).
@@ -54,6 +54,19 @@ class ModelConfig:
               "share 1/K (so the first step re-initialises the codebook from data); 0 never "
               "restarts, as in the paper", (0.0, 0.5))
     usage_decay: float = 0.99
+    codebook_update: str = flag(
+        "grad", "how the codebook learns: grad (the codebook loss term, by the optimizer) or "
+                "ema (moving averages of the vectors each code is assigned, appendix A.1 of "
+                "the paper; the codebook term then leaves the loss)", choices=("grad", "ema"))
+    ema_decay: float = flag(0.99, "decay of the EMA codebook's counts and sums, one update "
+                                  "per training step (--codebook-update ema)", (0.0, 0.99999))
+    ema_epsilon: float = flag(1e-5, "Laplace smoothing of the EMA codebook's counts, so that "
+                                    "a code assigned nothing divides by no zero", (1e-12, 1.0))
+
+
+# What a checkpoint recorded before a ModelConfig field existed meant: the model it holds
+# was trained that way, whatever today's default is.
+BEFORE_FIELD_EXISTED = {"codebook_update": "grad"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +119,20 @@ class TrainConfig:
                           (1, 10**9))
     checkpoint_every: int = flag(500, "steps between checkpoints; one is also written at "
                                       "each epoch's end", (1, 10**9))
+    codebook_init: str = flag(
+        "uniform", "the codebook's start: uniform(-1/K, 1/K), or kmeans (k-means++ seeding "
+                   "and Lloyd iterations on the encoder outputs of the first training "
+                   "images, from --seed)", choices=("uniform", "kmeans"))
+    kmeans_images: int = flag(1024, "training images (the first of epoch 0) whose encoder "
+                                    "outputs --codebook-init kmeans clusters", (1, 1_000_000))
+    kmeans_iterations: int = flag(10, "Lloyd iterations of --codebook-init kmeans",
+                                  (0, 10_000))
 
 
 def model_config(raw: Any) -> ModelConfig:
     """The ModelConfig a checkpoint recorded; a UserError if it is not one of this project's."""
     try:
-        return ModelConfig(**raw)
+        return ModelConfig(**{**BEFORE_FIELD_EXISTED, **raw})
     except TypeError as e:
         raise UserError(f"the checkpoint records an unknown model config {raw!r}") from e
 
@@ -123,4 +144,4 @@ def to_json(model: ModelConfig, train: TrainConfig) -> str:
 
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
     raw: dict[str, Any] = json.loads(text)
-    return ModelConfig(**raw["model"]), TrainConfig(**raw["train"])
+    return model_config(raw["model"]), TrainConfig(**raw["train"])

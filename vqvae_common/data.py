@@ -147,12 +147,22 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return num_images // batch_size
 
 
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of the images in epoch `epoch` of a run seeded `seed`."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
 def batches(images: np.ndarray, batch_size: int, seed: int, epoch: int,
             skip: int = 0) -> Iterator[np.ndarray]:
     """Full shuffled batches of epoch `epoch` (the last partial batch is dropped), from `skip`."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    order = epoch_order(len(images), seed, epoch)
     for i in range(skip, steps_per_epoch(len(images), batch_size)):
         yield to_float(images[order[i * batch_size:(i + 1) * batch_size]])
+
+
+def first_images(images: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The first `count` images that epoch 0 trains on (fewer if the split is smaller)."""
+    return to_float(images[epoch_order(len(images), seed, 0)[:count]])
 
 
 def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any, Protocol
 
@@ -58,6 +59,11 @@ class Twin(Protocol):
     def remove_partial_checkpoints(path: str) -> None:
         """Delete what checkpoint writes interrupted by a kill left at `path`."""
 
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+        """The quantizer's initialize_kmeans on the encoder outputs of `images`, computed
+        with batch statistics (as the first steps will) and leaving every state but the
+        codebook's as it was."""
+
     def train_step(self, batch: np.ndarray) -> Any:
         """One optimizer step; returns the loss terms on the device, not synced."""
 
@@ -92,12 +98,14 @@ def prepare_out_dir(out: str) -> None:
 
 def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int,
              num_codes: int) -> dict[str, float]:
-    """Loss terms, MSE, PSNR, SSIM and codebook usage over the whole split."""
+    """Loss terms, MSE, PSNR (of the split's MSE, and per 8-bit image averaged), SSIM and
+    codebook usage over the whole split."""
     sums: dict[str, float] = {}
     counts = np.zeros(num_codes, np.int64)
     for batch in data.eval_batches(test_images, batch_size):
         recons, indices, losses = twin.evaluate(batch)
         losses["ssim"] = float(metrics.ssim_per_image(batch, recons).mean())
+        losses["psnr_8bit"] = float(metrics.psnr_8bit_per_image(batch, recons).mean())
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value * len(batch)
         counts += metrics.code_counts(indices, num_codes)
@@ -136,6 +144,13 @@ def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
             schedule = Schedule.of(len(train_images), train_cfg)
             twin = make_twin(model_cfg, train_cfg)
             step = twin.load(ckpt) if train_cfg.resume else 0
+            if not train_cfg.resume and train_cfg.codebook_init == "kmeans":
+                print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
+                      f"on the encoder outputs of {train_cfg.kmeans_images} training images",
+                      file=sys.stderr)
+                twin.initialize_codebook(
+                    data.first_images(train_images, train_cfg.kmeans_images, train_cfg.seed),
+                    train_cfg.seed, train_cfg.kmeans_iterations)
             if lock is None:
                 prepare_out_dir(out)
                 lock = RunLock(out)
@@ -259,6 +274,7 @@ class _Run:
         self.logbook.write({"step": step, "epoch": epoch, **self.last_eval}, prefix="test")
         self.bar.write(f"epoch {epoch} step {step}: test mse {self.last_eval['mse']:.5f} "
                        f"psnr {self.last_eval['psnr']:.2f} dB "
+                       f"(per 8-bit image {self.last_eval['psnr_8bit']:.2f}) "
                        f"ssim {self.last_eval['ssim']:.3f} "
                        f"perplexity {self.last_eval['perplexity']:.1f} "
                        f"codes used {self.last_eval['codes_used']:.1%}")

@@ -14,6 +14,8 @@ Loss, with sg = jax.lax.stop_gradient and every mean over all elements:
     L = mean((x_hat - x)^2) + mean((z_q - sg[z_e])^2) + beta * mean((z_e - sg[z_q])^2)
          recon                codebook                 commitment
 
+without the codebook term when the codebook learns by EMA (VectorQuantizer).
+
 Module paths equal PyTorch's (encoder.conv1, decoder.deconv2, quantizer.codebook, ...); leaf
 names follow Flax (kernel, scale, mean, var) and vqvae_common/layout.py maps them. Conv kernels
 are xavier-normal (not Flax's truncated default) with zero biases, the codebook
@@ -30,9 +32,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from vqvae_common.config import ModelConfig, distance_block_rows
+from vqvae_common.config import ModelConfig, TrainConfig, distance_block_rows
+from vqvae_common.kmeans import kmeans
 from vqvae_jax import xla_cpu
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
@@ -219,9 +223,11 @@ class Quantized(NamedTuple):
 
 
 class VectorQuantizer(nnx.Module):
-    """Nearest-code quantization with a straight-through gradient.
+    """Nearest-code quantization with a straight-through gradient. A layer of its own: any
+    model may use it on (B, h, w, D) encoder outputs.
 
-    With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D):
+    With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D), e.g. MNIST's
+    [64, 7, 7, 128] -> [3136, 128] against K = 512:
 
         d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), by matmul in blocks
         i[n]    = argmin_k d[n, k]                              (N,)
@@ -233,7 +239,21 @@ class VectorQuantizer(nnx.Module):
     codebook learns only from the codebook term and the encoder only from the commitment
     term and the reconstruction.
 
-    Dead codes. A code that no encoder vector picks gets no gradient and never moves; from
+    How the codebook learns (`codebook_update`):
+    - "grad": e is an nnx.Param, moved by the optimizer along the codebook term's gradient.
+    - "ema" (appendix A.1 of the paper; Sonnet's VectorQuantizerEMA): e is an nnx.BatchStat,
+      outside the optimizer, and the codebook term leaves the loss. Each train-mode call,
+      with n_k = #{n : i[n] = k} and s_k = sum_{i[n] = k} z_n, and gamma = ema_decay:
+
+          N_k <- gamma N_k + (1 - gamma) n_k                    ema_counts (K,)
+          M_k <- gamma M_k + (1 - gamma) s_k                    ema_sums (K, D)
+          e_k  = M_k / ((N_k + eps) / (sum_j N_j + K eps) * sum_j N_j)   Laplace-smoothed
+
+      after z_q is taken, so the call's output uses the codebook it started with. The
+      averages start as if each code had been assigned one vector, itself (N = 1, M = e),
+      and restart that way whenever the codebook is set (k-means, a dead-code restart).
+
+    Dead codes. A code that no encoder vector picks never moves (under "ema" it shrinks); from
     the uniform(-1/K, 1/K) start most codes die within the first epoch (MNIST: 5% of 512
     used after one epoch). In train mode the quantizer keeps the moving average of each
     code's share of the vectors, u_k <- decay u_k + (1 - decay) count_k / N (u = 0 at
@@ -242,31 +262,73 @@ class VectorQuantizer(nnx.Module):
     vector r * floor(N / M) (vector r mod N when M > N), spread evenly over the shuffled
     batch, with no randomness of its own so that both twins restart identically. A restarted
     code gets u_k = 1/K, the uniform share, as a grace period. As u starts at 0, the first
-    step restarts nearly every code: a data-dependent initialisation of the codebook.
+    step restarts nearly every code: a data-dependent initialisation of the codebook, which
+    `initialize_kmeans` replaces by k-means (and then gives every code the uniform share).
     """
 
     def __init__(self, num_codes: int, dim: int,
                  restart_below: float = ModelConfig.restart_below,
-                 usage_decay: float = ModelConfig.usage_decay, *, rngs: nnx.Rngs) -> None:
-        self.codebook = nnx.Param(jax.random.uniform(
+                 usage_decay: float = ModelConfig.usage_decay,
+                 codebook_update: str = ModelConfig.codebook_update,
+                 ema_decay: float = ModelConfig.ema_decay,
+                 ema_epsilon: float = ModelConfig.ema_epsilon, *, rngs: nnx.Rngs) -> None:
+        if codebook_update not in ("grad", "ema"):
+            raise ValueError(f"codebook_update must be 'grad' or 'ema', not {codebook_update!r}")
+        learned_by = nnx.Param if codebook_update == "grad" else nnx.BatchStat
+        self.codebook = learned_by(jax.random.uniform(
             rngs.params(), (num_codes, dim), minval=-1 / num_codes, maxval=1 / num_codes))
         self.usage = nnx.BatchStat(jnp.zeros(num_codes))
         self.restart_below, self.usage_decay = restart_below, usage_decay
+        self.codebook_update, self.ema_decay, self.ema_epsilon = (codebook_update, ema_decay,
+                                                                 ema_epsilon)
+        if codebook_update == "ema":
+            self.ema_counts = nnx.BatchStat(jnp.ones(num_codes))
+            self.ema_sums = nnx.BatchStat(self.codebook[...])
         self.use_running_average = False  # set by nnx.Module.eval() / .train()
 
     def __call__(self, z: jax.Array) -> Quantized:
         e = self.codebook[...]
         flat = z.reshape(-1, z.shape[-1])
         indices = nearest_codes(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(e))
-        if not self.use_running_average:
-            counts = jnp.bincount(indices, length=len(e))
-            share = counts.astype(self.usage[...].dtype) / len(indices)
-            self.usage[...] = self.usage_decay * self.usage[...] + (1 - self.usage_decay) * share
         z_q = e[indices].reshape(z.shape)
+        if not self.use_running_average:
+            counts = jnp.bincount(indices, length=len(e)).astype(self.usage[...].dtype)
+            share = counts / len(indices)
+            self.usage[...] = self.usage_decay * self.usage[...] + (1 - self.usage_decay) * share
+            if self.codebook_update == "ema":
+                self._update_ema(jax.lax.stop_gradient(flat), indices, counts)
         codebook_loss = mse(z_q, jax.lax.stop_gradient(z))
         commitment_loss = mse(z, jax.lax.stop_gradient(z_q))
         z_q_st = z + jax.lax.stop_gradient(z_q - z)
         return Quantized(z_q_st, indices.reshape(z.shape[:-1]), codebook_loss, commitment_loss)
+
+    def _update_ema(self, flat: jax.Array, indices: jax.Array, counts: jax.Array) -> None:
+        """The EMA step of the class docstring, from the batch's flat (N, D) and indices (N,)."""
+        sums = jnp.zeros_like(self.ema_sums[...]).at[indices].add(flat)  # (K, D)
+        gamma, eps = self.ema_decay, self.ema_epsilon
+        self.ema_counts[...] = gamma * self.ema_counts[...] + (1 - gamma) * counts
+        self.ema_sums[...] = gamma * self.ema_sums[...] + (1 - gamma) * sums
+        total = self.ema_counts[...].sum()
+        smoothed = (self.ema_counts[...] + eps) / (total + len(counts) * eps) * total
+        self.codebook[...] = self.ema_sums[...] / smoothed[:, None]
+
+    def _restart_ema(self, codes: jax.Array) -> None:
+        """EMA state of the `codes` (a (K,) mask) as if each had been assigned itself once."""
+        if self.codebook_update == "ema":
+            self.ema_counts[...] = jnp.where(codes, 1.0, self.ema_counts[...])
+            self.ema_sums[...] = jnp.where(codes[:, None], self.codebook[...],
+                                           self.ema_sums[...])
+
+    def initialize_kmeans(self, z_e: jax.Array, seed: int,
+                          iterations: int = TrainConfig.kmeans_iterations) -> None:
+        """codebook <- vqvae_common.kmeans of the vectors of z_e (B, h, w, D), from `seed`;
+        every code then gets the uniform share 1/K (no restart at the next step). Not
+        jittable: the k-means runs in numpy."""
+        e = self.codebook[...]
+        centres = kmeans(np.asarray(z_e).reshape(-1, z_e.shape[-1]), len(e), seed, iterations)
+        self.codebook[...] = jnp.asarray(centres, e.dtype)
+        self.usage[...] = jnp.full_like(self.usage[...], 1 / len(e))
+        self._restart_ema(jnp.ones(len(e), bool))
 
     def restart_dead_codes(self, z_e: jax.Array) -> None:
         """Move the dead codes onto vectors of z_e (B, h, w, D); run after the optimizer step."""
@@ -281,6 +343,7 @@ class VectorQuantizer(nnx.Module):
         replacement = flat[jnp.clip(rows, 0, n - 1)]
         self.codebook[...] = jnp.where(dead[:, None], replacement, e)
         self.usage[...] = jnp.where(dead, 1 / len(e), self.usage[...])
+        self._restart_ema(dead)
 
 
 class Output(NamedTuple):
@@ -300,7 +363,8 @@ class VQVAE(nnx.Module):
         self.config = config
         self.encoder = Encoder(config.in_channels, config.hidden, fast_cpu=fast_cpu, rngs=rngs)
         self.quantizer = VectorQuantizer(config.num_codes, config.hidden, config.restart_below,
-                                         config.usage_decay, rngs=rngs)
+                                         config.usage_decay, config.codebook_update,
+                                         config.ema_decay, config.ema_epsilon, rngs=rngs)
         self.decoder = Decoder(config.hidden, config.in_channels, fast_cpu=fast_cpu, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> Output:
@@ -308,7 +372,8 @@ class VQVAE(nnx.Module):
         quantized = self.quantizer(z_e)
         x_hat = self.decoder(quantized.z_q)
         recon = mse(x_hat, x)
-        loss = recon + quantized.codebook_loss + self.config.beta * quantized.commitment_loss
+        codebook_term = quantized.codebook_loss if self.config.codebook_update == "grad" else 0
+        loss = recon + codebook_term + self.config.beta * quantized.commitment_loss
         return Output(x_hat, z_e, quantized.indices, {
             "loss": loss, "recon": recon, "codebook": quantized.codebook_loss,
             "commitment": quantized.commitment_loss})

@@ -55,6 +55,15 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array
     return nnx.state((model, optimizer)), out.losses
 
 
+def encode_batch_statistics(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array
+                            ) -> jax.Array:
+    """The encoder's train-mode output; the running stats it moves belong to a discarded
+    copy of the model."""
+    model, _ = nnx.merge(graphdef, state)
+    model.train()
+    return model.encoder(batch)
+
+
 def eval_forward(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array):
     model, _ = nnx.merge(graphdef, state)
     model.eval()
@@ -106,6 +115,13 @@ class JaxTwin:
 
     def _put(self, batch: np.ndarray) -> jax.Array:
         return jax.device_put(batch, self.device)
+
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+        z_e = jax.jit(functools.partial(encode_batch_statistics, self.graphdef))(
+            self.state, self._put(images))
+        model, optimizer = nnx.merge(self.graphdef, self.state)
+        model.quantizer.initialize_kmeans(z_e, seed, iterations)
+        self.state = jax.device_put(nnx.state((model, optimizer)), self.device)
 
     def train_step(self, batch: np.ndarray) -> dict[str, jax.Array]:
         self.state, losses = self._train_step(self.state, self._put(batch))

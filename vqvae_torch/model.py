@@ -14,6 +14,8 @@ Loss, with sg the stop-gradient and every mean over all elements:
     L = mean((x_hat - x)^2) + mean((z_q - sg[z_e])^2) + beta * mean((z_e - sg[z_q])^2)
          recon                codebook                 commitment
 
+without the codebook term when the codebook learns by EMA (VectorQuantizer).
+
 Conv weights are xavier-normal with zero biases, the codebook uniform(-1/K, 1/K).
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqvae_common.config import ModelConfig, distance_block_rows
+from vqvae_common.config import ModelConfig, TrainConfig, distance_block_rows
+from vqvae_common.kmeans import kmeans
 
 
 class ResidualBlock(nn.Module):
@@ -101,9 +104,11 @@ class Quantized(NamedTuple):
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code quantization with a straight-through gradient.
+    """Nearest-code quantization with a straight-through gradient. A layer of its own: any
+    model may use it on (B, D, h, w) encoder outputs.
 
-    With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D):
+    With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D), e.g. MNIST's
+    [64, 128, 7, 7] -> [3136, 128] against K = 512:
 
         d[n, k] = ||z_n||^2 - 2 z_n . e_k + ||e_k||^2          (N, K), by matmul in blocks
         i[n]    = argmin_k d[n, k]                              (N,)
@@ -114,7 +119,21 @@ class VectorQuantizer(nn.Module):
     codebook learns only from the codebook term and the encoder only from the commitment
     term and the reconstruction.
 
-    Dead codes. A code that no encoder vector picks gets no gradient and never moves; from
+    How the codebook learns (`codebook_update`):
+    - "grad": e is a parameter, moved by the optimizer along the codebook term's gradient.
+    - "ema" (appendix A.1 of the paper; Sonnet's VectorQuantizerEMA): e takes no gradient and
+      the codebook term leaves the loss. Each train-mode call, with n_k = #{n : i[n] = k} and
+      s_k = sum_{i[n] = k} z_n, and gamma = ema_decay:
+
+          N_k <- gamma N_k + (1 - gamma) n_k                    ema_counts (K,)
+          M_k <- gamma M_k + (1 - gamma) s_k                    ema_sums (K, D)
+          e_k  = M_k / ((N_k + eps) / (sum_j N_j + K eps) * sum_j N_j)   Laplace-smoothed
+
+      after z_q is taken, so the call's output uses the codebook it started with. The
+      averages start as if each code had been assigned one vector, itself (N = 1, M = e),
+      and restart that way whenever the codebook is set (k-means, a dead-code restart).
+
+    Dead codes. A code that no encoder vector picks never moves (under "ema" it shrinks); from
     the uniform(-1/K, 1/K) start most codes die within the first epoch (MNIST: 5% of 512
     used after one epoch). In train mode the quantizer keeps the moving average of each
     code's share of the vectors, u_k <- decay u_k + (1 - decay) count_k / N (u = 0 at
@@ -123,22 +142,35 @@ class VectorQuantizer(nn.Module):
     vector r * floor(N / M) (vector r mod N when M > N), spread evenly over the shuffled
     batch, with no randomness of its own so that both twins restart identically. A restarted
     code gets u_k = 1/K, the uniform share, as a grace period. As u starts at 0, the first
-    step restarts nearly every code: a data-dependent initialisation of the codebook.
+    step restarts nearly every code: a data-dependent initialisation of the codebook, which
+    `initialize_kmeans` replaces by k-means (and then gives every code the uniform share).
     """
 
     def __init__(self, num_codes: int, dim: int,
                  restart_below: float = ModelConfig.restart_below,
-                 usage_decay: float = ModelConfig.usage_decay) -> None:
+                 usage_decay: float = ModelConfig.usage_decay,
+                 codebook_update: str = ModelConfig.codebook_update,
+                 ema_decay: float = ModelConfig.ema_decay,
+                 ema_epsilon: float = ModelConfig.ema_epsilon) -> None:
         super().__init__()
-        self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes,
-                                                                          1 / num_codes))
+        if codebook_update not in ("grad", "ema"):
+            raise ValueError(f"codebook_update must be 'grad' or 'ema', not {codebook_update!r}")
+        self.codebook = nn.Parameter(
+            torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes),
+            requires_grad=codebook_update == "grad")
         self.register_buffer("usage", torch.zeros(num_codes))
         self.restart_below, self.usage_decay = restart_below, usage_decay
+        self.codebook_update, self.ema_decay, self.ema_epsilon = (codebook_update, ema_decay,
+                                                                 ema_epsilon)
+        if codebook_update == "ema":
+            self.register_buffer("ema_counts", torch.ones(num_codes))
+            self.register_buffer("ema_sums", self.codebook.detach().clone())
 
     def forward(self, z_e: torch.Tensor) -> Quantized:
         z = z_e.permute(0, 2, 3, 1)  # (B, h, w, D)
         flat = z.reshape(-1, z.shape[-1])
         indices = nearest_codes(flat.detach(), self.codebook.detach())
+        z_q = self.codebook[indices].view_as(z)
         if self.training:
             with torch.no_grad():
                 # scatter_add_, not bincount: a fixed output shape for torch.compile, and
@@ -147,12 +179,41 @@ class VectorQuantizer(nn.Module):
                     0, indices, torch.ones_like(indices, dtype=self.usage.dtype))
                 share = counts / len(indices)
                 self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * share)
-        z_q = self.codebook[indices].view_as(z)
+                if self.codebook_update == "ema":
+                    self._update_ema(flat.detach(), indices, counts)
         codebook_loss = F.mse_loss(z_q, z.detach())
         commitment_loss = F.mse_loss(z, z_q.detach())
         z_q_st = z + (z_q - z).detach()
         return Quantized(z_q_st.permute(0, 3, 1, 2), indices.view(z.shape[:-1]),
                          codebook_loss, commitment_loss)
+
+    def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor,
+                    counts: torch.Tensor) -> None:
+        """The EMA step of the class docstring, from the batch's flat (N, D) and indices (N,)."""
+        sums = torch.zeros_like(self.ema_sums).index_add_(0, indices, flat)  # (K, D)
+        gamma, eps = self.ema_decay, self.ema_epsilon
+        self.ema_counts.mul_(gamma).add_((1 - gamma) * counts)
+        self.ema_sums.mul_(gamma).add_((1 - gamma) * sums)
+        total = self.ema_counts.sum()
+        smoothed = (self.ema_counts + eps) / (total + len(self.ema_counts) * eps) * total
+        self.codebook.copy_(self.ema_sums / smoothed[:, None])
+
+    def _restart_ema(self, codes: torch.Tensor) -> None:
+        """EMA state of the `codes` (a (K,) mask) as if each had been assigned itself once."""
+        if self.codebook_update == "ema":
+            self.ema_counts.copy_(torch.where(codes, 1.0, self.ema_counts))
+            self.ema_sums.copy_(torch.where(codes[:, None], self.codebook, self.ema_sums))
+
+    @torch.no_grad()
+    def initialize_kmeans(self, z_e: torch.Tensor, seed: int,
+                          iterations: int = TrainConfig.kmeans_iterations) -> None:
+        """codebook <- vqvae_common.kmeans of the vectors of z_e (B, D, h, w), from `seed`;
+        every code then gets the uniform share 1/K (no restart at the next step)."""
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        centres = kmeans(flat.cpu().numpy(), len(self.codebook), seed, iterations)
+        self.codebook.copy_(torch.from_numpy(centres))
+        self.usage.fill_(1 / len(self.codebook))
+        self._restart_ema(torch.ones_like(self.usage, dtype=torch.bool))
 
     @torch.no_grad()
     def restart_dead_codes(self, z_e: torch.Tensor) -> None:
@@ -168,6 +229,7 @@ class VectorQuantizer(nn.Module):
         replacement = flat[rows.clamp(0, n - 1)]
         self.codebook.copy_(torch.where(dead[:, None], replacement, self.codebook))
         self.usage.copy_(torch.where(dead, 1 / num_codes, self.usage))
+        self._restart_ema(dead)
 
 
 class Output(NamedTuple):
@@ -183,7 +245,8 @@ class VQVAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config.in_channels, config.hidden)
         self.quantizer = VectorQuantizer(config.num_codes, config.hidden, config.restart_below,
-                                         config.usage_decay)
+                                         config.usage_decay, config.codebook_update,
+                                         config.ema_decay, config.ema_epsilon)
         self.decoder = Decoder(config.hidden, config.in_channels)
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -195,7 +258,8 @@ class VQVAE(nn.Module):
         quantized = self.quantizer(z_e)
         x_hat = self.decoder(quantized.z_q)
         recon = F.mse_loss(x_hat, x)
-        loss = recon + quantized.codebook_loss + self.config.beta * quantized.commitment_loss
+        codebook_term = quantized.codebook_loss if self.config.codebook_update == "grad" else 0
+        loss = recon + codebook_term + self.config.beta * quantized.commitment_loss
         return Output(x_hat, z_e, quantized.indices, {
             "loss": loss, "recon": recon, "codebook": quantized.codebook_loss,
             "commitment": quantized.commitment_loss})

@@ -2,6 +2,7 @@
 and the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_jax/train.py."""
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -89,6 +90,12 @@ class TorchTwin:
         except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
             raise UserError(f"{path} does not fit the model its config describes: "
                             f"{str(e)[:200]}") from e
+
+    @torch.no_grad()
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+        encoder = copy.deepcopy(self.model.encoder).train()  # the model's running stats stay
+        z_e = encoder(to_tensor(images, self.device))
+        self.model.quantizer.initialize_kmeans(z_e, seed, iterations)
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
         return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
