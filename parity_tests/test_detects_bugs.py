@@ -8,6 +8,7 @@ from flax import nnx
 from parity_tests import tolerances as tol
 from parity_tests.conftest import relative
 from parity_tests.inputs import images
+from parity_tests.test_codebook_learning import EMA_STATE, train_ema_pair
 from parity_tests.test_forward import compare_forward
 from parity_tests.test_quantizer import run_both
 from parity_tests.ties import Audit
@@ -119,3 +120,33 @@ def test_the_seed_models_distance_sign_fails_the_quantizer_check(monkeypatch):
     assert len(audit.disagreements) > 0.5 * audit.compared
     with pytest.raises(AssertionError, match="disagreements away from any tie"):
         audit.verify()
+
+
+def _ema_decay_on_the_wrong_side(self, flat, indices, counts):
+    """The EMA step with gamma and 1 - gamma swapped: the batch weighted 0.99."""
+    self.ema_decay = 1 - self.ema_decay
+    try:
+        return update_ema(self, flat, indices, counts)
+    finally:
+        self.ema_decay = 1 - self.ema_decay
+
+
+def _ema_without_smoothing(self, flat, indices, counts):
+    """The EMA step with epsilon 0: codebook = sums / counts, no Laplace smoothing."""
+    self.ema_epsilon, epsilon = 0.0, self.ema_epsilon
+    try:
+        return update_ema(self, flat, indices, counts)
+    finally:
+        self.ema_epsilon = epsilon
+
+
+update_ema = jax_model.VectorQuantizer._update_ema
+
+
+@pytest.mark.parametrize("bug", [_ema_decay_on_the_wrong_side, _ema_without_smoothing],
+                         ids=["decay on the wrong side", "smoothing dropped"])
+def test_an_ema_bug_fails_the_ema_training_check(bug, monkeypatch):
+    monkeypatch.setattr(jax_model.VectorQuantizer, "_update_ema", bug)
+    pair, _, _, f_state = train_ema_pair(3, "float64", "cpu")
+    t_state = torch_state(pair.torch)
+    assert max(relative(f_state[k], t_state[k]) for k in EMA_STATE) > tol.EMA

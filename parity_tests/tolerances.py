@@ -16,3 +16,4 @@ TRAIN_LOSS = 1e-3  # float64: each of 50 Adam steps' loss terms (measured: 1e-15
 TRAIN_WEIGHTS = 2e-5  # float64: every parameter after 50 Adam steps (measured: 7.6e-6)
 TRAIN_LOSS_FLOAT32 = 5e-2  # float32: each step's total loss; rounding amplified by Adam and
 #                            the argmin (test_training.py); measured up to 1.3e-2
+EMA = 1e-9  # float64: the EMA codebook's counts, sums and codebook after 50 Adam steps

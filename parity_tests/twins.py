@@ -129,7 +129,7 @@ def torch_grads(model: torch_model.VQVAE, x: torch.Tensor
     model.zero_grad(set_to_none=True)
     out = model(x)
     out.losses["loss"].backward()
-    grads = {k: p.grad.cpu().numpy() for k, p in model.named_parameters()}
+    grads = {k: p.grad.cpu().numpy() for k, p in model.named_parameters() if p.requires_grad}
     return grads, out.indices.cpu().numpy()
 
 

@@ -86,8 +86,7 @@ class TorchAdapter:
         torch.manual_seed(seed)
         vq = torch_model.VectorQuantizer(num_codes, dim, **options)
         if codebook is not None:
-            with torch.no_grad():
-                vq.codebook.copy_(torch.tensor(codebook, dtype=torch.float32))
+            vq.set_codebook(torch.tensor(codebook, dtype=torch.float32))
         return vq
 
     def apply(self, module: torch.nn.Module, x: np.ndarray, train: bool = False) -> Any:
@@ -129,6 +128,18 @@ class TorchAdapter:
 
     def usage(self, vq: torch_model.VectorQuantizer) -> np.ndarray:
         return vq.usage.numpy().copy()
+
+    def ema_state(self, vq: torch_model.VectorQuantizer) -> tuple[np.ndarray, np.ndarray]:
+        """(counts (K,), sums (K, D)) of an EMA codebook."""
+        return vq.ema_counts.numpy().copy(), vq.ema_sums.numpy().copy()
+
+    def learns_by_gradient(self, vq: torch_model.VectorQuantizer) -> bool:
+        """Whether the optimizer moves the codebook."""
+        return vq.codebook.requires_grad
+
+    def initialize_kmeans(self, vq: torch_model.VectorQuantizer, z_e: np.ndarray, seed: int,
+                          iterations: int) -> None:
+        vq.initialize_kmeans(to_tensor(np.asarray(z_e, np.float32), CPU), seed, iterations)
 
     def set_usage(self, vq: torch_model.VectorQuantizer, usage: Any) -> None:
         vq.usage.copy_(torch.tensor(usage))
@@ -253,7 +264,7 @@ class JaxAdapter:
                   **options: float) -> jax_model.VectorQuantizer:
         vq = jax_model.VectorQuantizer(num_codes, dim, **options, rngs=nnx.Rngs(seed))
         if codebook is not None:
-            vq.codebook[...] = jnp.asarray(codebook, jnp.float32)
+            vq.set_codebook(jnp.asarray(codebook, jnp.float32))
         return vq
 
     def apply(self, module: nnx.Module, x: np.ndarray, train: bool = False) -> Any:
@@ -295,6 +306,18 @@ class JaxAdapter:
     def usage(self, vq: jax_model.VectorQuantizer) -> np.ndarray:
         return np.array(vq.usage[...])
 
+    def ema_state(self, vq: jax_model.VectorQuantizer) -> tuple[np.ndarray, np.ndarray]:
+        """(counts (K,), sums (K, D)) of an EMA codebook."""
+        return np.array(vq.ema_counts[...]), np.array(vq.ema_sums[...])
+
+    def learns_by_gradient(self, vq: jax_model.VectorQuantizer) -> bool:
+        """Whether the optimizer (nnx.Optimizer(wrt=nnx.Param)) moves the codebook."""
+        return isinstance(vq.codebook, nnx.Param)
+
+    def initialize_kmeans(self, vq: jax_model.VectorQuantizer, z_e: np.ndarray, seed: int,
+                          iterations: int) -> None:
+        vq.initialize_kmeans(jnp.asarray(z_e, jnp.float32), seed, iterations)
+
     def set_usage(self, vq: jax_model.VectorQuantizer, usage: Any) -> None:
         vq.usage[...] = jnp.asarray(usage, jnp.float32)
 
@@ -328,8 +351,9 @@ class JaxAdapter:
         return JaxTwin(model, TrainConfig(device="cpu", seed=seed))
 
     def model_of(self, twin: JaxTwin) -> jax_model.VQVAE:
-        """A copy of the twin's model: changing it leaves the twin alone."""
-        return nnx.merge(twin.graphdef, twin.state)[0]
+        """A copy of the twin's model: changing it leaves the twin alone (nnx.merge alone
+        would not: the merged model shares the state's variables)."""
+        return nnx.clone(nnx.merge(twin.graphdef, twin.state)[0])
 
     def has_device(self, name: str) -> bool:
         try:

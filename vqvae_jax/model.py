@@ -283,7 +283,8 @@ class VectorQuantizer(nnx.Module):
                                                                  ema_epsilon)
         if codebook_update == "ema":
             self.ema_counts = nnx.BatchStat(jnp.ones(num_codes))
-            self.ema_sums = nnx.BatchStat(self.codebook[...])
+            # a buffer of its own: the train step donates every leaf of the state
+            self.ema_sums = nnx.BatchStat(jnp.copy(self.codebook[...]))
         self.use_running_average = False  # set by nnx.Module.eval() / .train()
 
     def __call__(self, z: jax.Array) -> Quantized:
@@ -319,16 +320,20 @@ class VectorQuantizer(nnx.Module):
             self.ema_sums[...] = jnp.where(codes[:, None], self.codebook[...],
                                            self.ema_sums[...])
 
+    def set_codebook(self, codebook: jax.Array | np.ndarray) -> None:
+        """codebook <- the given (K, D); the EMA averages restart from it."""
+        self.codebook[...] = jnp.asarray(codebook, self.codebook[...].dtype)
+        self._restart_ema(jnp.ones(len(codebook), bool))
+
     def initialize_kmeans(self, z_e: jax.Array, seed: int,
                           iterations: int = TrainConfig.kmeans_iterations) -> None:
         """codebook <- vqvae_common.kmeans of the vectors of z_e (B, h, w, D), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step). Not
         jittable: the k-means runs in numpy."""
-        e = self.codebook[...]
-        centres = kmeans(np.asarray(z_e).reshape(-1, z_e.shape[-1]), len(e), seed, iterations)
-        self.codebook[...] = jnp.asarray(centres, e.dtype)
-        self.usage[...] = jnp.full_like(self.usage[...], 1 / len(e))
-        self._restart_ema(jnp.ones(len(e), bool))
+        num_codes = len(self.codebook[...])
+        self.set_codebook(kmeans(np.asarray(z_e).reshape(-1, z_e.shape[-1]), num_codes, seed,
+                                 iterations))
+        self.usage[...] = jnp.full_like(self.usage[...], 1 / num_codes)
 
     def restart_dead_codes(self, z_e: jax.Array) -> None:
         """Move the dead codes onto vectors of z_e (B, h, w, D); run after the optimizer step."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -205,15 +206,19 @@ class VectorQuantizer(nn.Module):
             self.ema_sums.copy_(torch.where(codes[:, None], self.codebook, self.ema_sums))
 
     @torch.no_grad()
+    def set_codebook(self, codebook: torch.Tensor | np.ndarray) -> None:
+        """codebook <- the given (K, D); the EMA averages restart from it."""
+        self.codebook.copy_(torch.as_tensor(codebook))
+        self._restart_ema(torch.ones_like(self.usage, dtype=torch.bool))
+
+    @torch.no_grad()
     def initialize_kmeans(self, z_e: torch.Tensor, seed: int,
                           iterations: int = TrainConfig.kmeans_iterations) -> None:
         """codebook <- vqvae_common.kmeans of the vectors of z_e (B, D, h, w), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step)."""
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        centres = kmeans(flat.cpu().numpy(), len(self.codebook), seed, iterations)
-        self.codebook.copy_(torch.from_numpy(centres))
+        self.set_codebook(kmeans(flat.cpu().numpy(), len(self.codebook), seed, iterations))
         self.usage.fill_(1 / len(self.codebook))
-        self._restart_ema(torch.ones_like(self.usage, dtype=torch.bool))
 
     @torch.no_grad()
     def restart_dead_codes(self, z_e: torch.Tensor) -> None:

@@ -1,0 +1,66 @@
+"""vqvae_common.kmeans: the codebook start both twins share."""
+import numpy as np
+import pytest
+
+from vqvae_common.kmeans import kmeans, kmeans_plus_plus, squared_distances_argmin
+
+CENTRES = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+
+
+def blobs(per_centre: int = 50, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([c + rng.normal(scale=0.5, size=(per_centre, 2)) for c in CENTRES])
+
+
+def test_finds_well_separated_clusters_and_their_means():
+    z = blobs()
+    centres = kmeans(z, 3, seed=0)
+    nearest_true = ((centres[:, None] - CENTRES) ** 2).sum(-1).argmin(1)
+    assert sorted(nearest_true) == [0, 1, 2]
+    means = np.stack([z[50 * i:50 * (i + 1)].mean(0) for i in nearest_true])
+    np.testing.assert_allclose(centres, means, rtol=1e-12)
+
+
+def test_the_same_vectors_and_seed_give_the_same_centres_bit_for_bit():
+    z = np.random.default_rng(1).normal(size=(500, 4)).astype(np.float32)
+    np.testing.assert_array_equal(kmeans(z, 16, seed=3), kmeans(z.copy(), 16, seed=3))
+    assert not np.array_equal(kmeans(z, 16, seed=3), kmeans(z, 16, seed=4))
+
+
+def test_lloyd_iterations_never_raise_the_distortion():
+    z = np.random.default_rng(2).normal(size=(400, 3))
+
+    def distortion(centres):
+        return ((z - centres[squared_distances_argmin(z, centres)]) ** 2).sum()
+
+    values = [distortion(kmeans(z, 8, seed=0, iterations=i)) for i in range(6)]
+    assert all(b <= a + 1e-9 for a, b in zip(values, values[1:]))
+    assert values[-1] < values[0]
+
+
+def test_seeding_draws_centres_from_the_vectors():
+    z = blobs(10)
+    centres = kmeans_plus_plus(z, 3, np.random.default_rng(0))
+    assert all((z == c).all(1).any() for c in centres)
+    # proportional to the squared distance: three well-separated blobs get one centre each
+    assert len({tuple(np.round(c / 10)) for c in centres}) == 3
+
+
+def test_more_centres_than_distinct_vectors_still_gives_k_centres():
+    z = np.ones((4, 2))
+    centres = kmeans(z, 6, seed=0)
+    assert centres.shape == (6, 2) and (centres == 1).all()
+
+
+def test_blocked_argmin_matches_the_direct_one(monkeypatch):
+    from vqvae_common import config
+    monkeypatch.setattr(config, "DISTANCE_BLOCK", 7 * 37)
+    rng = np.random.default_rng(3)
+    z, centres = rng.normal(size=(1000, 5)), rng.normal(size=(37, 5))
+    direct = ((z[:, None] - centres) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(squared_distances_argmin(z, centres), direct)
+
+
+def test_no_vectors_is_an_error():
+    with pytest.raises(ValueError):
+        kmeans(np.zeros((0, 3)), 2, seed=0)
