@@ -27,7 +27,9 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 deterministic()  # else PyTorch's CPU steps differ from run to run
 
+# per device and quantity: the worst relative difference (check, measure) and counts (note)
 _WORST: dict[str, dict[str, float]] = defaultdict(dict)
+_COUNTS: dict[str, dict[str, float]] = defaultdict(dict)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,19 +100,42 @@ def note(device: str):
     """note(quantity, value): record a count (e.g. near-ties) in the report."""
 
     def _note(quantity: str, value: float) -> None:
-        _WORST[device][quantity] = _WORST[device].get(quantity, 0) + value
+        _COUNTS[device][quantity] = _COUNTS[device].get(quantity, 0) + value
 
     return _note
 
 
+def _merge(worst: dict[str, dict[str, float]], counts: dict[str, dict[str, float]]) -> None:
+    for device, quantities in worst.items():
+        for quantity, value in quantities.items():
+            _WORST[device][quantity] = max(value, _WORST[device].get(quantity, 0.0))
+    for device, quantities in counts.items():
+        for quantity, value in quantities.items():
+            _COUNTS[device][quantity] = _COUNTS[device].get(quantity, 0) + value
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist, a worker hands its figures to the controller, which reports."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity"] = json.dumps({"worst": _WORST, "counts": _COUNTS})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    figures = json.loads(node.workeroutput.get("parity", '{"worst": {}, "counts": {}}'))
+    _merge(figures["worst"], figures["counts"])
+
+
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    if not _WORST:
+    if hasattr(config, "workerinput") or not (_WORST or _COUNTS):
         return
-    terminalreporter.section("parity: worst relative difference per quantity")
-    for device, quantities in _WORST.items():
+    report = {device: {**_WORST.get(device, {}), **_COUNTS.get(device, {})}
+              for device in {*_WORST, *_COUNTS}}
+    terminalreporter.section("parity: worst relative difference (or count) per quantity")
+    for device, quantities in report.items():
         for quantity, value in sorted(quantities.items()):
             terminalreporter.write_line(f"{device:4} {quantity:40} {value:.3g}")
     path = config.getoption("--parity-report")
     with open(path, "w") as f:
-        json.dump(_WORST, f, indent=2, sort_keys=True)
+        json.dump(report, f, indent=2, sort_keys=True)
     terminalreporter.write_line(f"written to {path}")

@@ -12,7 +12,8 @@ leaves differ, by name, layout or integer width:
                  running_mean, running_var          mean, var
                  num_batches_tracked (int64)        count (int32)
     any other    the same name and layout (conv and BatchNorm biases, quantizer.codebook
-                 (K, D), quantizer.usage (K,))
+                 (K, D), quantizer.usage (K,), and an EMA codebook's quantizer.ema_counts
+                 (K,) and quantizer.ema_sums (K, D))
 
 A module's kind is read from its name (conv1, deconv2, bn1, ...), as both twins name their
 modules. Only `weight` needs it: a convolution's kernel, a BatchNorm's scale, or a transposed
