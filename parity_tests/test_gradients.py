@@ -19,9 +19,9 @@ from parity_tests.test_forward import make_pair
 
 
 @pytest.mark.parametrize("preset", ["mnist", "cifar10"])
-@pytest.mark.parametrize("width,seed,batch", [("preset", 1, 1), ("preset", 2, 16),
-                                              ("small", 0, 1), ("small", 2, 1),
-                                              ("small", 1, 7), ("small plain", 1, 7)])
+@pytest.mark.parametrize("width,seed,batch", [("preset", 2, 16), ("small", 0, 1),
+                                              ("small", 2, 1), ("small", 1, 7),
+                                              ("small plain", 1, 7)])
 def test_gradients_match(preset, width, seed, batch, device, check, note):
     pair = make_pair(preset, width, seed, device)
     t, f = pair.grads(images(preset, batch, seed))
