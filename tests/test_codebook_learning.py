@@ -9,7 +9,7 @@ import pytest
 
 from twin_adapters import MODEL, assert_same_arrays
 from vqvae_common import data
-from vqvae_common.config import ModelConfig
+from vqvae_common.config import TrainConfig
 from vqvae_common.kmeans import kmeans
 
 CODEBOOK = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)  # K=3, D=2
@@ -137,3 +137,25 @@ def test_a_gradient_checkpoint_does_not_load_into_an_ema_model(twin, tmp_path):
     twin.make().save(path, 1)
     with pytest.raises(Exception, match="config|does not fit"):
         twin.make(model=EMA_MODEL).load(path)
+
+
+def test_an_ema_model_converts_torch_flax_torch_bit_identically():
+    from flax import nnx
+
+    from vqvae_common import layout
+    from vqvae_jax import checkpoint as jax_checkpoint
+    from vqvae_jax.model import VQVAE as FlaxVQVAE
+    from vqvae_torch import checkpoint as torch_checkpoint
+    from vqvae_torch.train import TorchTwin
+
+    torch_twin = TorchTwin(EMA_MODEL, dataclasses.replace(TrainConfig(), device="cpu"))
+    torch_twin.train_step(np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 1))
+                          .astype(np.float32))
+    arrays = torch_checkpoint.export_arrays(torch_twin.model)
+    flax_model = FlaxVQVAE(EMA_MODEL, rngs=nnx.Rngs(1))
+    jax_checkpoint.import_arrays(flax_model, layout.torch_to_flax(arrays))
+    back = TorchTwin(EMA_MODEL, dataclasses.replace(TrainConfig(), device="cpu", seed=1))
+    torch_checkpoint.import_arrays(
+        back.model, layout.flax_to_torch(jax_checkpoint.export_arrays(flax_model)))
+    assert_same_arrays(arrays, torch_checkpoint.export_arrays(back.model))
+    assert not np.allclose(arrays["quantizer.ema_counts"], 1)

@@ -70,7 +70,7 @@ def load(path: str, device: torch.device, config: ModelConfig | None = None
 def export_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's state_dict as numpy copies on the host: weights (conv weights
     (O, I, kh, kw), transposed convs' (I, O, kh, kw)), BatchNorm statistics, code usage."""
-    return {key: np.array(value.detach().cpu()) for key, value in model.state_dict().items()}
+    return {key: value.detach().cpu().numpy().copy() for key, value in model.state_dict().items()}
 
 
 def import_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
