@@ -1,6 +1,7 @@
 """Input pipeline: tfds array_record data -> uint8 NHWC in memory -> seeded float batches.
 
     load(name, split)                  -> uint8  (N, H, W, C), decoded once, then cached
+    load(name, split, feature="label") -> int64  (N,), the same way
     batches(images, B, seed, epoch)    -> float32 (B, H, W, C) in [-1, 1], x / 127.5 - 1
 
 The order of epoch e is the permutation drawn by numpy's generator seeded with (seed, e), so
@@ -37,8 +38,10 @@ def resolve_data_dir(data_dir: str | None) -> str:
                               or "~/tensorflow_datasets")
 
 
-def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
-    """All images of one split as uint8 (N, H, W, C), preparing the dataset first if needed."""
+def load(name: str, split: str, data_dir: str | None = None, feature: str = "image"
+         ) -> np.ndarray:
+    """All images of one split as uint8 (N, H, W, C) (or another feature of its records,
+    such as "label"), preparing the dataset first if needed."""
     import tensorflow_datasets as tfds  # deferred: a slow import the CLI's --help need not pay
 
     if name not in DATASETS:
@@ -51,12 +54,12 @@ def load(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
     builder = tfds.builder(name, data_dir=root)
     if not _quietly(builder.is_prepared):
         _prepare(builder, name, root)
-    cache = _cache_path(builder.data_dir, name, split)
-    images = _read_cache(cache)
+    cache = _cache_path(builder.data_dir, name, split, feature)
+    images = read_cache(cache)
     if images is None:
-        images = _decode(tfds, name, split, root)
-        _write_cache(cache, images)
-    if images.shape[1:] != DATASETS[name].image_shape:
+        images = _decode(tfds, name, split, root, feature)
+        write_cache(cache, images)
+    if feature == "image" and images.shape[1:] != DATASETS[name].image_shape:
         raise UserError(f"{name}/{split} in {root} has images of shape {images.shape[1:]}, "
                         f"expected {DATASETS[name].image_shape}")
     return images
@@ -75,37 +78,43 @@ def _quietly(make):
         logging.set_verbosity(level)
 
 
-def _decode(tfds, name: str, split: str, root: str) -> np.ndarray:
+def _decode(tfds, name: str, split: str, root: str, feature: str) -> np.ndarray:
     try:
         source = tfds.data_source(name, split=split, data_dir=root, download=False)
         # One record at a time: tfds's mock data source breaks `__getitems__` (tfds 4.9.10).
         with tqdm(range(len(source)), desc=f"decoding {name}/{split}", unit="img",
                   leave=False) as progress:
-            return np.stack([source[i]["image"] for i in progress])
+            return np.stack([source[i][feature] for i in progress])
     except (OSError, RuntimeError, ValueError, NotImplementedError) as e:
         raise UserError(f"cannot read {name}/{split} from {root} (is it damaged? prepare it "
                         f"again): {e}") from e
 
 
-def _cache_path(dataset_dir: str, name: str, split: str) -> str | None:
+def _cache_path(dataset_dir: str, name: str, split: str, feature: str) -> str | None:
     """Where the decoded split is cached; None when it has no record files (mock data)."""
     records = sorted(glob.glob(os.path.join(dataset_dir, f"{name}-{split}.*")))
     if not records:
         return None
     stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in records]
     key = hashlib.sha256(repr((os.path.realpath(dataset_dir), stats)).encode()).hexdigest()[:16]
+    what = split if feature == "image" else f"{split}-{feature}"
+    return cache_file(f"{name}-{what}-{key}.npy")
+
+
+def cache_file(name: str) -> str:
+    """The path of the cached file `name`."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(root, "vqvae_twins", f"{name}-{split}-{key}.npy")
+    return os.path.join(root, "vqvae_twins", name)
 
 
-def _read_cache(path: str | None) -> np.ndarray | None:
+def read_cache(path: str | None) -> np.ndarray | None:
     try:
         return np.load(path) if path else None
     except (OSError, ValueError, EOFError):  # absent, unreadable or cut short: decode again
         return None
 
 
-def _write_cache(path: str | None, images: np.ndarray) -> None:
+def write_cache(path: str | None, images: np.ndarray) -> None:
     if path is None:
         return
     try:
@@ -152,12 +161,20 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
+def batch_rows(num_examples: int, batch_size: int, seed: int, epoch: int,
+               skip: int = 0) -> Iterator[np.ndarray]:
+    """The rows of each full shuffled batch of epoch `epoch` (the last partial batch is
+    dropped), from batch `skip` on."""
+    order = epoch_order(num_examples, seed, epoch)
+    for i in range(skip, steps_per_epoch(num_examples, batch_size)):
+        yield order[i * batch_size:(i + 1) * batch_size]
+
+
 def batches(images: np.ndarray, batch_size: int, seed: int, epoch: int,
             skip: int = 0) -> Iterator[np.ndarray]:
     """Full shuffled batches of epoch `epoch` (the last partial batch is dropped), from `skip`."""
-    order = epoch_order(len(images), seed, epoch)
-    for i in range(skip, steps_per_epoch(len(images), batch_size)):
-        yield to_float(images[order[i * batch_size:(i + 1) * batch_size]])
+    for rows in batch_rows(len(images), batch_size, seed, epoch, skip):
+        yield to_float(images[rows])
 
 
 def first_images(images: np.ndarray, count: int, seed: int) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 Bookkeeping done here, once: the output directory, resume, the seeded data order, logging
 cadence, images/s, the NaN guard, checkpoint cadence, evaluation on the test split, the
-artifacts (config.json, metrics.jsonl, TensorBoard events, reconstruction.png,
-interpolation.gif, loss_curves.png) and stopping on SIGTERM or Ctrl-C.
+artifacts (config.json, metrics.jsonl, TensorBoard events, and the Task's pictures) and
+stopping on SIGTERM or Ctrl-C. What is trained on and measured is a `Task`: a VQ-VAE on
+images (`Reconstruction`, the default: reconstruction.png, interpolation.gif,
+loss_curves.png) or a prior on a VQ-VAE's codes (vqvae_common.prior.PriorTask).
 
 A kill at any instant leaves a run that `--resume` (or, before the first complete checkpoint,
 a fresh start) continues to the uninterrupted run's results, because:
@@ -20,6 +22,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Sized
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,7 +42,8 @@ GRID_PAIRS = 32
 
 class Twin(Protocol):
     """What a framework implements for `fit` and evaluate.py. Images are NHWC float32 numpy
-    in [-1, 1]."""
+    in [-1, 1]. A prior's twin implements the methods up to `fetch`, `save` and `load`, and
+    its own evaluate (vqvae_common.prior)."""
 
     checkpoint_name: str  # file or directory name inside --out
     config: cfg.ModelConfig
@@ -117,6 +121,70 @@ def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int,
     return result
 
 
+class Task(Protocol):
+    """What a run trains on and measures; `fit` keeps the books around it."""
+
+    progress_keys: tuple[str, ...]  # the train terms the progress bar shows
+
+    def load(self, split: str) -> Any:
+        """The split's data as read from disk (before `start`)."""
+
+    def start(self, twin: Any, train: Any, test: Any, resume: bool) -> tuple[Sized, Sized]:
+        """What the twin computes before the first step: the (train, test) examples."""
+
+    def batches(self, train: Any, epoch: int, skip: int) -> Iterator[Any]:
+        """The seeded batches of `epoch` from batch `skip` on, as the twin's train_step
+        takes them."""
+
+    def evaluate(self, twin: Any, test: Any) -> dict[str, float]:
+        """The test metrics of the epoch's end."""
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """`evaluate`'s metrics in one line."""
+
+    def write_artifacts(self, twin: Any, test: Any, out: str) -> None:
+        """The pictures of the epoch's end."""
+
+
+class Reconstruction:
+    """The VQ-VAE's Task: images in, reconstruction metrics and pictures out."""
+
+    progress_keys = ("loss", "recon")
+
+    def __init__(self, train_cfg: cfg.TrainConfig) -> None:
+        self.train_cfg = train_cfg
+
+    def load(self, split: str) -> np.ndarray:
+        return data.load(self.train_cfg.dataset, split, self.train_cfg.data_dir)
+
+    def start(self, twin: Twin, train: np.ndarray, test: np.ndarray, resume: bool
+              ) -> tuple[np.ndarray, np.ndarray]:
+        train_cfg = self.train_cfg
+        if not resume and train_cfg.codebook_init == "kmeans":
+            print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
+                  f"on the encoder outputs of {train_cfg.kmeans_images} training images",
+                  file=sys.stderr)
+            twin.initialize_codebook(
+                data.first_images(train, train_cfg.kmeans_images, train_cfg.seed),
+                train_cfg.seed, train_cfg.kmeans_iterations)
+        return train, test
+
+    def batches(self, train: np.ndarray, epoch: int, skip: int) -> Iterator[np.ndarray]:
+        return data.batches(train, self.train_cfg.batch_size, self.train_cfg.seed, epoch, skip)
+
+    def evaluate(self, twin: Twin, test: np.ndarray) -> dict[str, float]:
+        return evaluate(twin, test, self.train_cfg.eval_batch_size, twin.config.num_codes)
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return (f"test mse {metrics['mse']:.5f} psnr {metrics['psnr']:.2f} dB "
+                f"(per 8-bit image {metrics['psnr_8bit']:.2f}) ssim {metrics['ssim']:.3f} "
+                f"perplexity {metrics['perplexity']:.1f} "
+                f"codes used {metrics['codes_used']:.1%}")
+
+    def write_artifacts(self, twin: Twin, test: np.ndarray, out: str) -> None:
+        write_artifacts(twin, test, out)
+
+
 def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
     targets = data.to_float(test_images[:GRID_PAIRS])
     recons, _, _ = twin.evaluate(targets)
@@ -127,41 +195,36 @@ def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
     images.loss_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curves.png"))
 
 
-def fit(make_twin: type[Twin], model_cfg: cfg.ModelConfig,
-        train_cfg: cfg.TrainConfig) -> dict[str, float]:
+def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
+        task: Task | None = None) -> dict[str, float]:
     """Train, evaluating each epoch; returns the last test-split metrics. `make_twin` is a
-    Twin class. An --out that exists is locked before anything is read from it; one that
-    does not is created only once the data, the device and any checkpoint to resume have
-    passed, so that bad input leaves nothing behind."""
+    Twin class, `task` what it learns (default: Reconstruction). An --out that exists is
+    locked before anything is read from it; one that does not is created only once the
+    data, the device and any checkpoint to resume have passed, so that bad input leaves
+    nothing behind."""
+    task = task or Reconstruction(train_cfg)
     out = train_cfg.out
     ckpt = os.path.join(out, make_twin.checkpoint_name)
     lock = RunLock(out) if os.path.isdir(out) else None
     try:
         with StopSignals() as stop:
             _check_resume(make_twin, ckpt, train_cfg, out)
-            train_images = data.load(train_cfg.dataset, "train", train_cfg.data_dir)
-            test_images = data.load(train_cfg.dataset, "test", train_cfg.data_dir)
-            schedule = Schedule.of(len(train_images), train_cfg)
+            train, test = task.load("train"), task.load("test")
+            schedule = Schedule.of(len(train), train_cfg)
             twin = make_twin(model_cfg, train_cfg)
             step = twin.load(ckpt) if train_cfg.resume else 0
-            if not train_cfg.resume and train_cfg.codebook_init == "kmeans":
-                print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
-                      f"on the encoder outputs of {train_cfg.kmeans_images} training images",
-                      file=sys.stderr)
-                twin.initialize_codebook(
-                    data.first_images(train_images, train_cfg.kmeans_images, train_cfg.seed),
-                    train_cfg.seed, train_cfg.kmeans_iterations)
+            train, test = task.start(twin, train, test, train_cfg.resume)
             if lock is None:
                 prepare_out_dir(out)
                 lock = RunLock(out)
             atomic.remove_leftovers(out)
             make_twin.remove_partial_checkpoints(ckpt)
-            write_atomic(os.path.join(out, "config.json"), cfg.to_json(model_cfg, train_cfg))
+            write_atomic(os.path.join(out, "config.json"), cfg.to_json(twin.config, train_cfg))
             with Logbook(out, resume_step=step if train_cfg.resume else None) as logbook:
-                run = _Run(twin, train_cfg, test_images, schedule, logbook, stop, ckpt,
+                run = _Run(twin, task, train_cfg, test, schedule, logbook, stop, ckpt,
                            saved_step=step if train_cfg.resume else None)
                 stop.defer()
-                return run.train(train_images, step)
+                return run.train(train, step)
     finally:
         if lock is not None:
             lock.release()
@@ -220,31 +283,30 @@ class Throughput:
 class _Run:
     """The step loop of one fit, from a given step, and its bookkeeping."""
 
-    def __init__(self, twin: Twin, train_cfg: cfg.TrainConfig, test_images: np.ndarray,
+    def __init__(self, twin: Twin, task: Task, train_cfg: cfg.TrainConfig, test: Any,
                  schedule: Schedule, logbook: Logbook, stop: StopSignals, ckpt: str,
                  saved_step: int | None) -> None:
-        self.twin, self.train_cfg, self.test_images = twin, train_cfg, test_images
+        self.twin, self.task, self.train_cfg, self.test = twin, task, train_cfg, test
         self.schedule, self.logbook, self.stop, self.ckpt = schedule, logbook, stop, ckpt
         self.saved_step = saved_step  # the step of the checkpoint on disk, None if none
         self.throughput = Throughput(train_cfg.batch_size)
         self.last_eval: dict[str, float] = {}
 
-    def train(self, train_images: np.ndarray, step: int) -> dict[str, float]:
+    def train(self, train: Any, step: int) -> dict[str, float]:
         self.bar = tqdm(total=self.schedule.total, initial=step, desc="train", unit="step",
                         dynamic_ncols=True)
         try:
             self._stop_if_asked(step, None)
             while step < self.schedule.total:
-                step = self._epoch(train_images, step)
+                step = self._epoch(train, step)
         finally:
             self.bar.close()
         return self.last_eval
 
-    def _epoch(self, train_images: np.ndarray, step: int) -> int:
+    def _epoch(self, train: Any, step: int) -> int:
         """The rest of the epoch that `step` is in; returns the step count at its end."""
         epoch, done = divmod(step, self.schedule.steps_per_epoch)
-        for batch in data.batches(train_images, self.train_cfg.batch_size,
-                                  self.train_cfg.seed, epoch, done):
+        for batch in self.task.batches(train, epoch, done):
             step_metrics = self.twin.train_step(batch)
             step += 1
             self.throughput.count_step()
@@ -264,21 +326,15 @@ class _Run:
         record = self._finite(step_metrics, step)
         record["images_per_s"] = self.throughput.images_per_s()
         self.logbook.write({"step": step, "epoch": epoch, **record})
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['recon']:.4f}")
+        self.bar.set_postfix({key: f"{record[key]:.4f}" for key in self.task.progress_keys})
         self.throughput.restart()
 
     def _end_epoch(self, step: int, epoch: int) -> None:
         """Evaluation, artifacts, then the checkpoint that covers them all."""
-        self.last_eval = evaluate(self.twin, self.test_images, self.train_cfg.eval_batch_size,
-                                  self.twin.config.num_codes)
+        self.last_eval = self.task.evaluate(self.twin, self.test)
         self.logbook.write({"step": step, "epoch": epoch, **self.last_eval}, prefix="test")
-        self.bar.write(f"epoch {epoch} step {step}: test mse {self.last_eval['mse']:.5f} "
-                       f"psnr {self.last_eval['psnr']:.2f} dB "
-                       f"(per 8-bit image {self.last_eval['psnr_8bit']:.2f}) "
-                       f"ssim {self.last_eval['ssim']:.3f} "
-                       f"perplexity {self.last_eval['perplexity']:.1f} "
-                       f"codes used {self.last_eval['codes_used']:.1%}")
-        write_artifacts(self.twin, self.test_images, self.train_cfg.out)
+        self.bar.write(f"epoch {epoch} step {step}: {self.task.summary(self.last_eval)}")
+        self.task.write_artifacts(self.twin, self.test, self.train_cfg.out)
         self._save(step)
         self.throughput.restart()
 
