@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train the Flax VQ-VAE: `python train_jax.py --help` lists the flags."""
+"""Train the Flax VQ-VAE, or with `prior` a PixelCNN prior over a trained one's codes:
+`python train_jax.py --help` and `python train_jax.py prior --help` list the flags."""
 import sys
 
-from vqvae_common import cli, loop
+from vqvae_common import cli, loop, prior
 
 
 def fit(model_cfg, train_cfg):
@@ -11,5 +12,12 @@ def fit(model_cfg, train_cfg):
     return loop.fit(JaxTwin, model_cfg, train_cfg)
 
 
+def fit_prior(prior_cfg, train_cfg):
+    from vqvae_jax.prior_train import JaxPriorTwin
+
+    return loop.fit(JaxPriorTwin, prior_cfg, train_cfg,
+                    prior.PriorTask("jax", prior_cfg, train_cfg))
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main("jax", fit))
+    sys.exit(cli.main("jax", fit, fit_prior=fit_prior))

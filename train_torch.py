@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train the PyTorch VQ-VAE: `python train_torch.py --help` lists the flags."""
+"""Train the PyTorch VQ-VAE, or with `prior` a PixelCNN prior over a trained one's codes:
+`python train_torch.py --help` and `python train_torch.py prior --help` list the flags."""
 import sys
 
-from vqvae_common import cli, loop
+from vqvae_common import cli, loop, prior
 
 
 def fit(model_cfg, train_cfg):
@@ -11,5 +12,12 @@ def fit(model_cfg, train_cfg):
     return loop.fit(TorchTwin, model_cfg, train_cfg)
 
 
+def fit_prior(prior_cfg, train_cfg):
+    from vqvae_torch.prior_train import TorchPriorTwin
+
+    return loop.fit(TorchPriorTwin, prior_cfg, train_cfg,
+                    prior.PriorTask("torch", prior_cfg, train_cfg))
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main("torch", fit))
+    sys.exit(cli.main("torch", fit, fit_prior=fit_prior))

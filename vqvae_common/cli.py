@@ -1,8 +1,12 @@
 """The one command line both train_torch.py and train_jax.py accept, and the main() wrapper
 that turns a UserError into one line on stderr and exit status 2.
 
-The flags are the fields of TrainConfig and ModelConfig that carry flag metadata
-(vqvae_common.config.flag): name, type, default, help and bounds come from there alone.
+    train_X.py [flags]          train a VQ-VAE
+    train_X.py prior [flags]    train a PixelCNN prior over a trained VQ-VAE's codes
+
+The flags are the fields of TrainConfig and ModelConfig (PriorConfig for a prior) that carry
+flag metadata (vqvae_common.config.flag): name, type, default, help and bounds come from
+there alone.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import typing
 from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
+from vqvae_common import prior
 from vqvae_common.errors import UserError
 from vqvae_common.stop_signals import Stopped
 
@@ -85,7 +90,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
         prog=f"train_{framework}.py",
         description=f"Train a VQ-VAE (van den Oord et al. 2017) in {framework} on MNIST or "
                     "CIFAR-10. Writes config.json, metrics.jsonl, TensorBoard events, a "
-                    "checkpoint, reconstruction.png and interpolation.gif into --out.")
+                    "checkpoint, reconstruction.png and interpolation.gif into --out.",
+        epilog=f"train_{framework}.py prior --help: train a PixelCNN prior over the codes of "
+               "a trained VQ-VAE")
     training = p.add_argument_group("training")
     for field in flag_fields(cfg.TrainConfig):
         add_flag(training, cfg.TrainConfig, field.name)
@@ -103,6 +110,40 @@ def parse(framework: str, argv: Sequence[str] | None = None
                    if f.name in args}  # absent unless given: the preset's value stands
     model = dataclasses.replace(cfg.DATASETS[args["dataset"]].preset, **model_flags)
     return model, cfg.TrainConfig(**args)
+
+
+# What a prior's run takes from TrainConfig: not the VQ-VAE's codebook start
+PRIOR_TRAIN_FLAGS = ("dataset", "data_dir", "epochs", "max_steps", "batch_size",
+                     "eval_batch_size", "lr", "seed", "out", "device", "resume", "log_every",
+                     "checkpoint_every")
+
+
+def build_prior_parser(framework: str) -> argparse.ArgumentParser:
+    p = UserErrorParser(
+        prog=f"train_{framework}.py prior",
+        description=f"Train a gated PixelCNN prior (van den Oord et al. 2016) in {framework} "
+                    "over the code maps of a trained VQ-VAE, extracted once per split. Writes "
+                    "config.json, metrics.jsonl (test NLL in nats per code and bits per "
+                    "image, beside the per-position marginal baseline), TensorBoard events, "
+                    "a checkpoint and samples.png into --out.")
+    training = p.add_argument_group("training")
+    for name in PRIOR_TRAIN_FLAGS:
+        add_flag(training, cfg.TrainConfig, name, default=prior.TRAIN_DEFAULTS.get(
+            name, dataclasses.MISSING))
+    model = p.add_argument_group("prior")
+    for field in flag_fields(prior.PriorConfig):
+        add_flag(model, prior.PriorConfig, field.name)
+    return p
+
+
+def parse_prior(framework: str, argv: Sequence[str] | None = None
+                ) -> tuple[prior.PriorConfig, cfg.TrainConfig]:
+    args = vars(build_prior_parser(framework).parse_args(argv))
+    model_flags = {f.name: args.pop(f.name) for f in flag_fields(prior.PriorConfig)}
+    if model_flags["vqvae"] is None:
+        raise UserError("--vqvae is required: the VQ-VAE checkpoint whose codes the prior "
+                        "models")
+    return prior.PriorConfig(**model_flags), cfg.TrainConfig(**args)
 
 
 def one_line(error: Exception) -> str:
@@ -128,6 +169,12 @@ def report_errors(run: Callable[[], object]) -> int:
 
 
 def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
-         argv: Sequence[str] | None = None) -> int:
-    """A trainer's entry point: parse the flags, then `fit`, reporting user errors."""
+         argv: Sequence[str] | None = None,
+         fit_prior: Callable[[prior.PriorConfig, cfg.TrainConfig], object] | None = None
+         ) -> int:
+    """A trainer's entry point: parse the flags, then `fit` (`fit_prior` after the `prior`
+    subcommand), reporting user errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if fit_prior is not None and argv[:1] == ["prior"]:
+        return report_errors(lambda: fit_prior(*parse_prior(framework, argv[1:])))
     return report_errors(lambda: fit(*parse(framework, argv)))

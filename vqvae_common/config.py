@@ -71,14 +71,15 @@ BEFORE_FIELD_EXISTED = {"codebook_update": "grad"}
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A tfds dataset this project trains on: its images' (H, W, C), its split sizes, and
-    the model preset for it (D; C follows from the images)."""
+    """A tfds dataset this project trains on: its images' (H, W, C), its split sizes, the
+    model preset for it (D; C follows from the images), and its number of class labels."""
 
     name: str
     image_shape: tuple[int, int, int]
     train_size: int
     test_size: int
     hidden: int
+    classes: int = 10
 
     @property
     def preset(self) -> ModelConfig:

@@ -1,5 +1,5 @@
-"""Pictures of what the model does: a target|reconstruction grid, a latent-walk GIF, and
-the loss curves of a run. Each file is replaced atomically: a kill while one is written
+"""Pictures of what the model does: a target|reconstruction grid, a latent-walk GIF, a grid
+of samples, and the loss curves of a run. Each file is replaced atomically: a kill while one is written
 leaves the previous picture, never a truncated one."""
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, path: str,
         x = gap + (i % pairs_per_row) * (2 * w + gap)
         grid[y:y + h, x:x + w] = t[i]
         grid[y:y + h, x + w:x + 2 * w] = r[i]
+    with atomic.replacing(path) as tmp:
+        _pil(grid, scale).save(tmp, format="PNG")
+
+
+def sample_grid(samples: np.ndarray, path: str, per_row: int, scale: int = 2) -> None:
+    """PNG of `samples` (N, H, W, C in [-1, 1]), `per_row` to a row, a 2-pixel gap between."""
+    pics = to_uint8(samples)
+    n, h, w, c = pics.shape
+    rows, gap = -(-n // per_row), 2
+    grid = np.full((rows * (h + gap) + gap, per_row * (w + gap) + gap, c), 255, np.uint8)
+    for i in range(n):
+        y, x = gap + (i // per_row) * (h + gap), gap + (i % per_row) * (w + gap)
+        grid[y:y + h, x:x + w] = pics[i]
     with atomic.replacing(path) as tmp:
         _pil(grid, scale).save(tmp, format="PNG")
 

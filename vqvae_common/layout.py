@@ -11,13 +11,14 @@ leaves differ, by name, layout or integer width:
     bn*          weight                             scale
                  running_mean, running_var          mean, var
                  num_batches_tracked (int64)        count (int32)
+    embed_*      weight (rows, features)            embedding (rows, features)
     any other    the same name and layout (conv and BatchNorm biases, quantizer.codebook
                  (K, D), quantizer.usage (K,), and an EMA codebook's quantizer.ema_counts
                  (K,) and quantizer.ema_sums (K, D))
 
-A module's kind is read from its name (conv1, deconv2, bn1, ...), as both twins name their
-modules. Only `weight` needs it: a convolution's kernel, a BatchNorm's scale, or a transposed
-convolution's kernel, the one leaf whose layout depends on the module kind (deconv*: its
+A module's kind is read from its name (conv1, deconv2, bn1, and the prior's conv_vertical,
+embed_codes, ...), as both twins name their modules. Only `weight` needs it: a convolution's kernel, a BatchNorm's scale, an embedding's
+table, or a transposed convolution's kernel, the one leaf whose layout depends on the module kind (deconv*: its
 PyTorch weight is (I, O, kh, kw), where a convolution's is (O, I, kh, kw)). Every change is
 a transpose or an exact integer cast, so torch -> flax -> torch returns bit-identical arrays.
 A leaf the table does not name keeps its name and layout; an importing twin refuses any key
@@ -46,6 +47,7 @@ LEAVES: dict[str, tuple[Leaf, ...]] = {
     "deconv": (Leaf("weight", "kernel", (2, 3, 0, 1)),),
     "bn": (Leaf("weight", "scale"), Leaf("running_mean", "mean"), Leaf("running_var", "var"),
            Leaf("num_batches_tracked", "count", dtypes=("int64", "int32"))),
+    "embed": (Leaf("weight", "embedding"),),
 }
 
 
@@ -53,7 +55,7 @@ def _leaf(key: str, name_of: str) -> Leaf | None:
     """The table's Leaf for `key` (a dotted path whose leaf is named in the `name_of`
     convention, "torch" or "flax"), or None when it keeps its name and layout."""
     module, _, name = key.rpartition(".")
-    kind = re.fullmatch(r"(deconv|conv|bn)\d*", module.rpartition(".")[2])
+    kind = re.fullmatch(r"(deconv|conv|bn|embed)(\d*|_[a-z0-9_]+)", module.rpartition(".")[2])
     leaves = LEAVES[kind.group(1)] if kind else ()
     return next((leaf for leaf in leaves if getattr(leaf, name_of) == name), None)
 

@@ -24,6 +24,7 @@ from vqvae_common import checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError
+from vqvae_common.prior import PriorConfig
 
 KEEP = 2
 
@@ -66,18 +67,20 @@ def remove_partial_writes(path: str) -> None:
                 manager.delete(step)
 
 
-def read_record(path: str) -> CheckpointRecord:
-    """The record of the newest complete step, checked to be a Flax checkpoint's."""
+def read_record(path: str, kind: str = "vqvae") -> CheckpointRecord:
+    """The record of the newest complete step, checked to be a Flax checkpoint's of a
+    `kind` model."""
     with _reading(path) as (manager, step):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     # every Flax checkpoint holds an optimizer state (a converted one, a fresh one)
-    return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True)
+    return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True, kind=kind)
 
 
-def load(path: str, config: ModelConfig, like: nnx.State) -> tuple[CheckpointRecord, nnx.State]:
+def load(path: str, config: ModelConfig | PriorConfig, like: nnx.State, kind: str = "vqvae"
+         ) -> tuple[CheckpointRecord, nnx.State]:
     """The newest complete step's record and state (shaped like `like`), refused unless it
-    holds a model of `config`."""
-    record = read_record(path)
+    holds a `kind` model of `config`."""
+    record = read_record(path, kind)
     record.check_config(config, path)
     with _reading(path) as (manager, step):
         state = manager.restore(step, args=ocp.args.Composite(

@@ -26,6 +26,7 @@ from vqvae_common import atomic, checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError
+from vqvae_common.prior import PriorConfig
 
 
 def save(path: str, payload: dict[str, Any]) -> None:
@@ -48,10 +49,10 @@ def remove_partial_writes(path: str) -> None:
         os.remove(path + atomic.SUFFIX)
 
 
-def load(path: str, device: torch.device, config: ModelConfig | None = None
-         ) -> tuple[CheckpointRecord, dict[str, Any]]:
-    """The checkpoint's record and payload, refused unless it is a PyTorch one (of `config`,
-    if given)."""
+def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | None = None,
+         kind: str = "vqvae") -> tuple[CheckpointRecord, dict[str, Any]]:
+    """The checkpoint's record and payload, refused unless it is a PyTorch one of a `kind`
+    model (of `config`, if given)."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
@@ -59,7 +60,7 @@ def load(path: str, device: torch.device, config: ModelConfig | None = None
         raise UserError(f"cannot load {path}: not a PyTorch checkpoint of this project, "
                         f"or truncated/corrupt ({type(e).__name__})") from e
     holds_optimizer = isinstance(payload, dict) and "optimizer" in payload
-    record = checkpoint_record.read_record(payload, path, "torch", holds_optimizer)
+    record = checkpoint_record.read_record(payload, path, "torch", holds_optimizer, kind)
     if "model" not in payload:
         raise UserError(f"{path} holds no model weights: truncated or corrupt")
     if config is not None:

@@ -1,0 +1,111 @@
+"""The PyTorch twin of the prior's training step and sampler, and the prior twin that
+vqvae_common.loop.fit drives with vqvae_common.prior.PriorTask. Mirrors
+vqvae_jax/prior_train.py."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from vqvae_common import prior as common
+from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.config import TrainConfig
+from vqvae_common.errors import UserError
+from vqvae_common.prior import PriorConfig
+from vqvae_torch import checkpoint
+from vqvae_torch.prior import PixelCNN, nll, sample
+from vqvae_torch.train import TorchTwin, deterministic, select_device, to_numpy
+
+
+def train_step(model: PixelCNN, optimizer: torch.optim.Optimizer, codes: torch.Tensor,
+               labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One Adam step on the NLL of a batch of code maps."""
+    model.train()
+    loss = nll(model(codes, labels), codes)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach()}
+
+
+class TorchPriorTwin:
+    """A gated PixelCNN and its Adam on one device, stepped eagerly, over the codes of a
+    frozen TorchTwin VQ-VAE; checkpoints are one file."""
+
+    checkpoint_name = "prior.pt"
+    has_checkpoint = staticmethod(checkpoint.has_checkpoint)
+    remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
+
+    def __init__(self, prior_cfg: PriorConfig, train_cfg: TrainConfig) -> None:
+        self.device = select_device(train_cfg.device)
+        deterministic()
+        self.vqvae = TorchTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
+        self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset)
+        torch.manual_seed(train_cfg.seed)
+        self.model = PixelCNN(self.config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto", vqvae: str | None = None
+                        ) -> "TorchPriorTwin":
+        """The prior saved in `path`, over the VQ-VAE it records (or `vqvae`), ready to
+        sample."""
+        record, payload = checkpoint.load(path, select_device(device), kind="prior")
+        config = dataclasses.replace(record.model_config, vqvae=vqvae or
+                                     record.model_config.vqvae)
+        twin = cls(config, TrainConfig(device=device, dataset=config.dataset))
+        twin._load_weights(path, payload["model"])
+        return twin
+
+    def _load_weights(self, path: str, state_dict: dict[str, torch.Tensor]) -> None:
+        try:
+            self.model.load_state_dict(state_dict)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            raise UserError(f"{path} does not fit the prior its config describes: "
+                            f"{str(e)[:200]}") from e
+
+    def _put(self, batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, labels = batch
+        return (torch.from_numpy(np.asarray(codes, np.int64)).to(self.device),
+                torch.from_numpy(np.asarray(labels, np.int64)).to(self.device))
+
+    def codes(self, images: np.ndarray) -> np.ndarray:
+        return self.vqvae.evaluate(images)[1].astype(np.int32)
+
+    def train_step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+        return train_step(self.model, self.optimizer, *self._put(batch))
+
+    def fetch(self, step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {k: v.item() for k, v in step_metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+        self.model.eval()
+        codes, labels = self._put(batch)
+        return {"loss": nll(self.model(codes, labels), codes).item()}
+
+    def sample(self, labels: np.ndarray, gumbel: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        labels_t = torch.from_numpy(np.asarray(labels, np.int64)).to(self.device)
+        codes = sample(self.model, labels_t, torch.from_numpy(gumbel).to(self.device))
+        return codes.cpu().numpy().astype(np.int32)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        vqvae = self.vqvae.model.eval()
+        indices = torch.from_numpy(np.asarray(codes, np.int64)).to(self.device)
+        z_q = vqvae.quantizer.codebook[indices].permute(0, 3, 1, 2)
+        return to_numpy(vqvae.decoder(z_q))
+
+    def save(self, path: str, step: int) -> None:
+        record = CheckpointRecord("torch", self.config, step, kind="prior")
+        checkpoint.save(path, {**record.to_dict(), "model": self.model.state_dict(),
+                               "optimizer": self.optimizer.state_dict()})
+
+    def load(self, path: str) -> int:
+        record, payload = checkpoint.load(path, self.device, self.config, kind="prior")
+        record.check_resumable(path)
+        self._load_weights(path, payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        return record.step
