@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from parity_tests import test_prior
 from parity_tests import tolerances as tol
 from parity_tests.conftest import relative
 from parity_tests.inputs import images
@@ -13,6 +14,7 @@ from parity_tests.test_forward import compare_forward
 from parity_tests.test_quantizer import run_both
 from parity_tests.ties import Audit
 from parity_tests.twins import Pair, flax_state, torch_state
+from vqvae_common import prior
 from vqvae_common.config import ModelConfig
 from vqvae_jax import model as jax_model
 
@@ -150,3 +152,16 @@ def test_an_ema_bug_fails_the_ema_training_check(bug, monkeypatch):
     pair, _, _, f_state = train_ema_pair(3, "float64", "cpu")
     t_state = torch_state(pair.torch)
     assert max(relative(f_state[k], t_state[k]) for k in EMA_STATE) > tol.EMA
+
+
+def test_a_first_layer_mask_that_shows_each_position_its_own_code_fails_the_prior_checks(
+        monkeypatch):
+    config = test_prior.TINY
+    pair = test_prior.PriorPair(config, 0, "cpu")  # the PyTorch prior, built with the masks
+    masks = prior.masks
+    monkeypatch.setattr(prior, "masks", lambda k, first: masks(k, first=False))  # type B only
+    pair.flax = test_prior.PriorPair(config, 0, "cpu").flax
+    codes, labels = test_prior.inputs(config, 8, 1)
+    assert relative(pair.flax_logits(codes, labels), pair.torch_logits(codes, labels)) > tol.FORWARD
+    leaks = test_prior.causality_violations(test_prior.reach(pair.flax_logits, config))["leaks"]
+    assert (0, 0) in leaks  # position 0 sees its own code

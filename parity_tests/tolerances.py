@@ -17,3 +17,6 @@ TRAIN_WEIGHTS = 2e-5  # float64: every parameter after 50 Adam steps (measured: 
 TRAIN_LOSS_FLOAT32 = 5e-2  # float32: each step's total loss; rounding amplified by Adam and
 #                            the argmin (test_training.py); measured up to 1.3e-2
 EMA = 1e-9  # float64: the EMA codebook's counts, sums and codebook after 50 Adam steps
+SAMPLE_TIE = 1e-4  # prior sampling: the twins may draw different codes at a position only
+#                    where the two codes' scores (logit + Gumbel noise) are closer than this,
+#                    relative to the position's largest |score|
