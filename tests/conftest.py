@@ -1,7 +1,10 @@
 import os
 
+import jax
 import numpy as np
 import pytest
+import torch
+from jax.experimental.compilation_cache import compilation_cache
 
 
 def _real_data_dir(name: str) -> str:
@@ -32,3 +35,30 @@ def twin(request):
     states its property once and runs against both."""
     from twin_adapters import ADAPTERS
     return ADAPTERS[request.param]
+
+
+@pytest.fixture(scope="session")
+def jax_cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_model_speed(jax_cache_dir):
+    """Tests build fresh twins of the same few small models again and again: JAX compiles
+    each function once per session (its persistent cache, not once per twin), and torch runs
+    on one thread (on a busy 2-core machine, two threads wait a time slice at each op).
+    Undone after each module, as no session-wide fixture could be before parity_tests/."""
+    options = {"jax_compilation_cache_dir": jax_cache_dir,
+               "jax_persistent_cache_min_compile_time_secs": 0,
+               "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in options}
+    threads = torch.get_num_threads()
+    for name, value in options.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # it reads the options once, at its first use
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
