@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -119,17 +120,24 @@ def measure_case(twin: str, n: int, k: int, device: str, repeats: int) -> dict[s
 
 
 def sweep(device: str, quick: bool) -> list[dict[str, float]]:
-    """Both twins over the sweep (QUICK when quick); prints a table as it goes."""
-    cases = QUICK if quick else SWEEP_K + SWEEP_N + HEADLINE
+    """Both twins over the sweep (QUICK when quick); prints a table as it goes. --quick, a
+    smoke run, runs two cases at a time: mostly interpreter start-ups, its seconds are no
+    measurement anyway."""
+    cases = [(twin, n, k) for n, k in (QUICK if quick else SWEEP_K + SWEEP_N + HEADLINE)
+             for twin in ("torch", "flax")]
+
+    def measure(case: tuple[str, int, int]) -> dict[str, float]:
+        twin, n, k = case
+        repeats = 0 if n * k > 1 << 32 else 3  # 0: the first call's time alone
+        return measure_case(twin, n, k, device, repeats)
+
     print(f"quantizer nearest-code search, D = {DIM}, device {device}")
     print(f"{'twin':6} {'N':>9} {'K':>7} {'seconds':>9} {'peak MiB':>9} "
           f"{'N*K*4 MiB':>10} {'N*K*D*4 MiB':>12}")
     rows = []
-    for n, k in cases:
-        repeats = 0 if n * k > 1 << 32 else 3  # 0: the first call's time alone
-        for twin in ("torch", "flax"):
-            row = {"twin": twin, "n": n, "k": k, "dim": DIM,
-                   **measure_case(twin, n, k, device, repeats)}
+    with ThreadPoolExecutor(max_workers=2 if quick else 1) as pool:
+        for (twin, n, k), figures in zip(cases, pool.map(measure, cases)):
+            row = {"twin": twin, "n": n, "k": k, "dim": DIM, **figures}
             rows.append(row)
             print(f"{twin:6} {n:9} {k:7} {row['seconds']:9.3f} {row['peak_bytes'] / MIB:9.1f} "
                   f"{n * k * 4 / MIB:10.0f} {n * k * DIM * 4 / MIB:12.0f}", flush=True)

@@ -17,7 +17,8 @@ runs `--steps` optimizer steps and syncs once, as the trainers do between log po
 Each is timed on a fixed batch and again fed by the real input pipeline (vqvae_common.data
 .batches over an in-memory uint8 split of the dataset's size), so the pipeline's share of a
 step shows as a percentage. FLOPs per image come from torch's FlopCounterMode and from XLA's
-compiled cost analysis. With --quantizer, then the quantizer alone as K and N grow
+compiled cost analysis (--quick: of the step before optimization, within 1%, sparing a second
+compile). With --quantizer, then the quantizer alone as K and N grow
 (bench/quantizer.py: about 20 minutes on a 2-core CPU, its two small cases with --quick).
 Prints tables and writes JSON; a measurement, never a test.
 """
@@ -62,10 +63,12 @@ def torch_flops(twin: TorchTwin, batch: np.ndarray) -> float:
     return float(counter.get_total_flops())
 
 
-def jax_flops(twin: JaxTwin, batch: np.ndarray) -> float:
-    """FLOPs of the whole jitted step (optimizer included), from XLA's cost analysis."""
-    compiled = twin._train_step.lower(twin.state, batch).compile()
-    analysis = compiled.cost_analysis()
+def jax_flops(twin: JaxTwin, batch: np.ndarray, compiled: bool = True) -> float:
+    """FLOPs of the whole jitted step (optimizer included), from XLA's cost analysis of the
+    compiled step, or of its HLO before optimization (`compiled` False: no compile, which
+    the step's own first call cannot share)."""
+    lowered = twin._train_step.lower(twin.state, batch)
+    analysis = (lowered.compile() if compiled else lowered).cost_analysis()
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
 
@@ -101,7 +104,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.windows, args.compile = 2, 2, False
+        args.steps, args.windows, args.compile = 1, 1, False
 
     dataset = DATASETS[args.dataset]
     model_cfg = dataset.preset
@@ -116,7 +119,7 @@ def main() -> None:
         twins["torch_compile"] = TorchTwin(model_cfg, train_cfg)
         twins["torch_compile"].model.compile()
     flops = {"torch_eager": torch_flops(twins["torch_eager"], batch),
-             "flax_jit": jax_flops(twins["flax_jit"], batch)}
+             "flax_jit": jax_flops(twins["flax_jit"], batch, compiled=not args.quick)}
     flops["torch_compile"] = flops["torch_eager"]
 
     compile_s = {}

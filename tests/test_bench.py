@@ -12,8 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
+    # torch on one thread: on a busy 2-core machine, two wait a time slice at each op
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_step.py"),
                           "--quick", "--quantizer", "--json", str(out)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
