@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 from typing import Any, Callable, NoReturn, Sequence
@@ -143,6 +144,8 @@ def parse_prior(framework: str, argv: Sequence[str] | None = None
     if model_flags["vqvae"] is None:
         raise UserError("--vqvae is required: the VQ-VAE checkpoint whose codes the prior "
                         "models")
+    if not os.path.exists(model_flags["vqvae"]):
+        raise UserError(f"--vqvae {model_flags['vqvae']}: no VQ-VAE checkpoint there")
     return prior.PriorConfig(**model_flags), cfg.TrainConfig(**args)
 
 

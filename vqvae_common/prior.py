@@ -157,18 +157,18 @@ def write_samples(twin: Any, count: int, seed: int, path: str) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class CodeSet:
-    """A split's code maps (N, h, w) int32 and class labels (N,) int32 (zeros when the prior
-    is unconditional); its length is N."""
+class Labelled:
+    """A split's examples (N, ...), its uint8 images or its code maps (N, h, w) int32, and
+    their class labels (N,) int32 (zeros when the prior is unconditional); its length is N."""
 
-    codes: np.ndarray
+    examples: np.ndarray
     labels: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.codes)
+        return len(self.examples)
 
     def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.codes[rows], self.labels[rows]
+        return self.examples[rows], self.labels[rows]
 
 
 def extract_codes(codes_of: Callable[[np.ndarray], np.ndarray], split_images: np.ndarray,
@@ -210,35 +210,36 @@ class PriorTask:
         self.framework, self.prior_cfg, self.train_cfg = framework, prior_cfg, train_cfg
         self.baseline = math.nan
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, split: str) -> Labelled:
         """The split's uint8 images, and its labels when the prior is conditional."""
         dataset, data_dir = self.train_cfg.dataset, self.train_cfg.data_dir
         split_images = data.load(dataset, split, data_dir)
         labels = (data.load(dataset, split, data_dir, feature="label")
                   if self.prior_cfg.conditional else np.zeros(len(split_images)))
-        return split_images, labels.astype(np.int32)
+        return Labelled(split_images, labels.astype(np.int32))
 
-    def start(self, twin: Any, train: tuple[np.ndarray, np.ndarray],
-              test: tuple[np.ndarray, np.ndarray], resume: bool) -> tuple[CodeSet, CodeSet]:
+    def start(self, twin: Any, train: Labelled, test: Labelled, resume: bool
+              ) -> tuple[Labelled, Labelled]:
         sets = []
-        for split, (split_images, labels) in (("train", train), ("test", test)):
+        for split, images_of_split in (("train", train), ("test", test)):
             print(f"codes: {split} split through the VQ-VAE {twin.config.vqvae}",
                   file=sys.stderr)
             cache = codes_cache(self.framework, self.prior_cfg.vqvae, self.train_cfg.dataset,
                                 split, self.train_cfg.data_dir)
-            codes = extract_codes(twin.codes, split_images, self.train_cfg.eval_batch_size,
-                                  cache)
-            sets.append(CodeSet(codes, labels))
-        self.baseline = marginal_nll(sets[0].codes, sets[1].codes, twin.config.num_codes)
+            codes = extract_codes(twin.codes, images_of_split.examples,
+                                  self.train_cfg.eval_batch_size, cache)
+            sets.append(Labelled(codes, images_of_split.labels))
+        self.baseline = marginal_nll(sets[0].examples, sets[1].examples,
+                                     twin.config.num_codes)
         return sets[0], sets[1]
 
-    def batches(self, train: CodeSet, epoch: int, skip: int
+    def batches(self, train: Labelled, epoch: int, skip: int
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows in data.batch_rows(len(train), self.train_cfg.batch_size,
                                     self.train_cfg.seed, epoch, skip):
             yield train.batch(rows)
 
-    def evaluate(self, twin: Any, test: CodeSet) -> dict[str, float]:
+    def evaluate(self, twin: Any, test: Labelled) -> dict[str, float]:
         total = 0.0
         for start in range(0, len(test), self.train_cfg.eval_batch_size):
             rows = np.arange(start, min(start + self.train_cfg.eval_batch_size, len(test)))
@@ -255,7 +256,7 @@ class PriorTask:
                 f"{metrics['baseline_nats_per_code']:.4f}, "
                 f"{metrics['baseline_bits_per_image']:.1f})")
 
-    def write_artifacts(self, twin: Any, test: CodeSet, out: str) -> None:
+    def write_artifacts(self, twin: Any, test: Labelled, out: str) -> None:
         count = (10 * twin.config.num_classes if twin.config.num_classes
                  else SAMPLES_PER_ROW * SAMPLES_PER_ROW)
         write_samples(twin, count, SAMPLE_SEED, os.path.join(out, "samples.png"))

@@ -1,0 +1,121 @@
+"""The prior's framework-free parts (vqvae_common/prior.py), its command line, and one tiny
+training run of each twin through the shared loop."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+import train_jax
+import train_torch
+from vqvae_common import config as cfg
+from vqvae_common import loop
+from vqvae_common import prior
+from vqvae_common.errors import UserError
+
+
+def test_the_first_layers_masks_hide_the_centre_and_later_ones_show_it():
+    vertical, horizontal = prior.masks(5, first=True)
+    np.testing.assert_array_equal(vertical, [[1] * 5, [1] * 5, [0] * 5, [0] * 5, [0] * 5])
+    np.testing.assert_array_equal(horizontal, [[1, 1, 0, 0, 0]])
+    vertical, horizontal = prior.masks(5, first=False)
+    np.testing.assert_array_equal(vertical.sum(1), [5, 5, 5, 0, 0])
+    np.testing.assert_array_equal(horizontal, [[1, 1, 1, 0, 0]])
+
+
+def test_the_marginal_baseline_is_each_positions_smoothed_code_frequency():
+    train = np.zeros((8, 1, 2), np.int32)
+    train[:6, 0, 1] = 3  # position 1: code 3 six times, code 0 twice
+    test = np.array([[[0, 3]]], np.int32)
+    k = 4
+    p0 = (8 + 1) / (8 + k)  # position 0 always saw code 0
+    p1 = (6 + 1) / (8 + k)
+    assert prior.marginal_nll(train, test, k) == pytest.approx(-(math.log(p0) + math.log(p1)) / 2)
+
+
+def test_bits_per_image_count_every_code_of_the_map():
+    assert prior.bits_per_image(math.log(2), (7, 7)) == pytest.approx(49)
+
+
+def test_gumbel_noise_is_the_seeds_and_standard():
+    a = prior.gumbel_noise(3, 200, (7, 7), 16)
+    assert a.shape == (200, 7, 7, 16) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, prior.gumbel_noise(3, 200, (7, 7), 16))
+    assert abs(a.mean() - np.euler_gamma) < 0.01  # the standard Gumbel's mean
+    assert not np.array_equal(a, prior.gumbel_noise(4, 200, (7, 7), 16))
+
+
+def test_sample_labels_give_each_class_a_row():
+    np.testing.assert_array_equal(prior.sample_labels(6, 3), [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(prior.sample_labels(3, 0), [0, 0, 0])
+
+
+@pytest.mark.parametrize("entry", [train_torch, train_jax])
+def test_prior_help_explains_every_flag(entry, capsys):
+    with pytest.raises(SystemExit):
+        entry.cli.main(entry.__name__[6:], entry.fit, ["prior", "--help"], entry.fit_prior)
+    text = capsys.readouterr().out
+    for flag in ("--vqvae", "--channels", "--layers", "--kernel-size", "--conditional",
+                 "--epochs", "--resume"):
+        assert flag in text
+    assert "--codebook-init" not in text
+
+
+TINY_VQVAE = cfg.ModelConfig(in_channels=1, hidden=8, num_codes=16)
+TINY_PRIOR = dict(channels=4, layers=2, conditional=True)
+
+
+@pytest.fixture
+def tiny_data(monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    split = {"image": rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8),
+             "label": rng.integers(0, 10, 40)}
+    monkeypatch.setattr(loop.data, "load", lambda name, s, data_dir=None, feature="image":
+                        split[feature])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prior"], "--vqvae is required"),
+    (["prior", "--vqvae", "/nonexistent.pt"], "no VQ-VAE checkpoint there"),
+    (["prior", "--vqvae", "tests"], "cannot load tests: not a PyTorch checkpoint"),  # Flax's
+    #                                                                      is a directory
+    (["prior", "--vqvae", "x", "--layers", "0"], "--layers 0 is out of range"),
+])
+def test_a_users_mistake_is_one_line_and_exit_2(argv, message, capsys, tmp_path, tiny_data):
+    code = train_torch.cli.main("torch", train_torch.fit,
+                                argv + ["--out", str(tmp_path / "o"), "--batch-size", "8"],
+                                train_torch.fit_prior)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+# PyTorch only: the Flax run compiles five functions twice (70 s on a busy 2-core CPU); the
+# Flax step and sampler are held to PyTorch's by parity_tests/test_prior.py
+@pytest.mark.parametrize("framework", ["torch"])
+def test_a_tiny_prior_trains_resumes_and_samples(framework, tiny_data, tmp_path):
+    if framework == "torch":
+        from vqvae_torch.prior_train import TorchPriorTwin as PriorTwin
+        from vqvae_torch.train import TorchTwin as Twin
+    else:
+        from vqvae_jax.prior_train import JaxPriorTwin as PriorTwin
+        from vqvae_jax.train import JaxTwin as Twin
+    vqvae = str(tmp_path / Twin.checkpoint_name)
+    Twin(TINY_VQVAE, cfg.TrainConfig()).save(vqvae, 0)
+    prior_cfg = prior.PriorConfig(vqvae=vqvae, **TINY_PRIOR)
+    train_cfg = cfg.TrainConfig(out=str(tmp_path / "run"), batch_size=8, epochs=2,
+                                max_steps=6, eval_batch_size=16)
+    task = prior.PriorTask(framework, prior_cfg, train_cfg)
+    loop.fit(PriorTwin, prior_cfg, dataclasses.replace(train_cfg, max_steps=3), task)
+    result = loop.fit(PriorTwin, prior_cfg, dataclasses.replace(train_cfg, resume=True),
+                      prior.PriorTask(framework, prior_cfg, train_cfg))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r["split"] == "test"] == [3, 5, 6]
+    assert result["nll_bits_per_image"] == pytest.approx(
+        result["nll_nats_per_code"] * 49 / math.log(2))
+    assert (tmp_path / "run" / "samples.png").exists()
+    twin = PriorTwin.from_checkpoint(str(tmp_path / "run" / PriorTwin.checkpoint_name))
+    assert twin.config.num_codes == 16 and twin.config.num_classes == 10
+    with pytest.raises(UserError, match="holds a PixelCNN prior, not a VQ-VAE"):
+        Twin.from_checkpoint(str(tmp_path / "run" / PriorTwin.checkpoint_name))
