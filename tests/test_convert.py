@@ -124,25 +124,29 @@ def test_wrong_shape_is_a_user_error():
         _torch_to_flax(state_dict, VQVAE(SMALL["mnist"], rngs=nnx.Rngs(0)))
 
 
-def _convert_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "convert.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="module")
+def convert_cli(child_env):
+    """convert_cli(*args) -> the CompletedProcess of `python convert.py ARGS`."""
+    def run(*args, timeout=120):
+        return subprocess.run([sys.executable, "convert.py", *args], cwd=ROOT, env=child_env,
+                              capture_output=True, text=True, timeout=timeout)
+    return run
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, convert_cli):
     """(trained TorchTwin, its checkpoint.pt at step 5, that file converted by the CLI)."""
     tmp = tmp_path_factory.mktemp("convert")
     twin = _trained_torch(TINY)
     ckpt, flax_dir = tmp / "ckpt.pt", tmp / "flax"
     twin.save(str(ckpt), 5)
-    run = _convert_cli("--from-torch", str(ckpt), "--out", str(flax_dir))
+    run = convert_cli("--from-torch", str(ckpt), "--out", str(flax_dir))
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == f"wrote {flax_dir}"
     return twin, ckpt, flax_dir
 
 
-def test_cli_round_trip_is_bit_identical(tmp_path, converted):
+def test_cli_round_trip_is_bit_identical(tmp_path, converted, convert_cli):
     twin, _, flax_dir = converted
     record = jax_checkpoint.read_record(str(flax_dir))
     assert record.step == 5 and record.weights_only is True
@@ -151,7 +155,7 @@ def test_cli_round_trip_is_bit_identical(tmp_path, converted):
         JaxTwin(TINY, TrainConfig(device="cpu")).load(str(flax_dir))
 
     back = tmp_path / "back.pt"
-    run = _convert_cli("--from-jax", str(flax_dir), "--out", str(back))
+    run = convert_cli("--from-jax", str(flax_dir), "--out", str(back))
     assert run.returncode == 0, run.stderr[-2000:]
     payload = torch.load(back, weights_only=True)
     assert payload["framework"] == "torch" and payload["step"] == 5
@@ -174,10 +178,10 @@ def test_converted_checkpoint_evaluates_like_torch(converted):
     assert losses["loss"] == pytest.approx(losses_ref["loss"], rel=1e-4)
 
 
-def test_cli_write_failure_exits_2_with_one_line(tmp_path, converted):
+def test_cli_write_failure_exits_2_with_one_line(tmp_path, converted, convert_cli):
     _, _, flax_dir = converted
     (tmp_path / "file").write_text("a file, not a directory")
-    run = _convert_cli("--from-jax", str(flax_dir), "--out", str(tmp_path / "file" / "back.pt"))
+    run = convert_cli("--from-jax", str(flax_dir), "--out", str(tmp_path / "file" / "back.pt"))
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith("error:"), run.stderr
     assert "cannot write" in run.stderr
@@ -225,10 +229,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_cli_garbage_file_exits_2_with_one_line(tmp_path):
+def test_cli_garbage_file_exits_2_with_one_line(tmp_path, convert_cli):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00garbage" * 100)
-    run = _convert_cli("--from-torch", str(garbage), "--out", str(tmp_path / "out"), timeout=60)
+    run = convert_cli("--from-torch", str(garbage), "--out", str(tmp_path / "out"), timeout=60)
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith("error:")
     assert "garbage.pt" in run.stderr and "Traceback" not in run.stderr
