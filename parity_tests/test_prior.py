@@ -53,7 +53,7 @@ class PriorPair:
         return logits.permute(0, 2, 3, 1).cpu().numpy()
 
     def flax_logits(self, codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return np.asarray(self.flax(*self._f(codes, labels)))
+        return np.asarray(nnx.jit(lambda m, c, l: m(c, l))(self.flax, *self._f(codes, labels)))
 
     def _t(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(a.astype(np.int64)).to(self.torch_device) for a in arrays]
@@ -183,9 +183,8 @@ def test_a_pixelcnn_with_the_blind_spot_fails_the_causality_check():
     assert (3, 5) in violations["blind"]
 
 
-@pytest.mark.parametrize("kind", CONFIGS)
-def test_sampling_from_the_same_noise_draws_the_same_codes(kind, device, check, note):
-    config = CONFIGS[kind]
+def test_sampling_from_the_same_noise_draws_the_same_codes(device, note):
+    config = CONFIGS["conditional"]  # the unconditional path differs only in the logits
     pair = PriorPair(config, 3, device)
     count = 12
     labels = common.sample_labels(count, config.num_classes)
