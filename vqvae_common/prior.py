@@ -53,8 +53,8 @@ class PriorConfig:
         None, "the trained VQ-VAE whose codes the prior models (required): a PyTorch "
               "checkpoint file for train_torch.py, a Flax checkpoint directory for "
               "train_jax.py (python convert.py makes either from the other)")
-    channels: int = flag(64, "width F of the vertical and horizontal stacks", (1, 4096))
-    layers: int = flag(12, "gated layers (the receptive field grows by (k - 1) / 2 rows "
+    channels: int = flag(32, "width F of the vertical and horizontal stacks", (1, 4096))
+    layers: int = flag(8, "gated layers (the receptive field grows by (k - 1) / 2 rows "
                            "and columns per layer)", (1, 200))
     kernel_size: int = flag(3, "odd k: the vertical stack's masked k x k and the horizontal "
                                "stack's masked 1 x k convolutions", (3, 31))
