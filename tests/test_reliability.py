@@ -174,6 +174,13 @@ LIFE = [
     ("prune:1", KILLED, 8),                     # orbax deleting an old step (Flax only)
     ("", 0, 8),                                 # the rest of the run
 ]
+# The entries only one twin's runs take. Orbax's pruning is the Flax twin's alone. A kill
+# while the loop evaluates or writes its own files finds no write of either twin under way,
+# so one twin proves the instant for both: torch, as a Flax process costs 2 to 3 s more
+# (most of it tracing). Each leaves the checkpoint the entry before it left, so skipping it
+# changes no later entry.
+ONE_TWIN = {"prune:1": "jax", "evaluate:1": "torch", "write:interpolation.gif:1": "torch",
+            "write:metrics.jsonl:1": "torch"}
 
 
 def test_a_run_killed_at_any_instant_ends_as_the_uninterrupted_one(uninterrupted, train,
@@ -181,7 +188,7 @@ def test_a_run_killed_at_any_instant_ends_as_the_uninterrupted_one(uninterrupted
     framework, whole = uninterrupted
     resume: list[str] = []
     for signals, status, step in LIFE:
-        if signals.startswith("prune") and framework == "torch":
+        if ONE_TWIN.get(signals, framework) != framework:
             continue
         run = train(framework, tmp_path, *resume, signals=signals)
         assert run.returncode == status, f"{signals}: {run.stderr[-2000:]}"
