@@ -17,9 +17,10 @@ leaves differ, by name, layout or integer width:
                  (K,) and quantizer.ema_sums (K, D))
 
 A module's kind is read from its name (conv1, deconv2, bn1, and the prior's conv_vertical,
-embed_codes, ...), as both twins name their modules. Only `weight` needs it: a convolution's kernel, a BatchNorm's scale, an embedding's
-table, or a transposed convolution's kernel, the one leaf whose layout depends on the module kind (deconv*: its
-PyTorch weight is (I, O, kh, kw), where a convolution's is (O, I, kh, kw)). Every change is
+embed_codes, ...), as both twins name their modules. Only `weight` needs it: a convolution's
+kernel, a BatchNorm's scale, an embedding's table, or a transposed convolution's kernel, the
+one leaf whose layout depends on the module kind (deconv*: its PyTorch weight is
+(I, O, kh, kw), where a convolution's is (O, I, kh, kw)). Every change is
 a transpose or an exact integer cast, so torch -> flax -> torch returns bit-identical arrays.
 A leaf the table does not name keeps its name and layout; an importing twin refuses any key
 its model lacks.
