@@ -44,9 +44,10 @@ def jax_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def child_env(jax_cache_dir):
-    """The environment of the trainers and converters that tests run, one at a time: as in
+    """The environment of the trainers and converters that tests run: as in
     small_model_speed, each compiles only what no process of the session compiled before it
-    (building a model alone is about 3 s of JAX compiles), with torch on one thread."""
+    (building a model alone is about 3 s of JAX compiles), with torch on one thread. The
+    cache's writes are not atomic: one JAX process at a time."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "JAX_COMPILATION_CACHE_DIR": jax_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
