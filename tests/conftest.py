@@ -58,7 +58,7 @@ def small_model_speed(jax_cache_dir):
     """Tests build fresh twins of the same few small models again and again: JAX compiles
     each function once per session (its persistent cache, not once per twin), and torch runs
     on one thread (on a busy 2-core machine, two threads wait a time slice at each op).
-    Undone after each module, as no session-wide fixture could be before parity_tests/."""
+    Undone after each module: a session fixture would be undone only after parity_tests/."""
     options = {"jax_compilation_cache_dir": jax_cache_dir,
                "jax_persistent_cache_min_compile_time_secs": 0,
                "jax_persistent_cache_min_entry_size_bytes": 0}
