@@ -238,6 +238,9 @@ class FakeTwin:
     def remove_partial_checkpoints(path: str) -> None:
         pass
 
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+        pass
+
     def train_step(self, batch: np.ndarray) -> dict[str, float]:
         self.step += 1
         if self.step == self.signal_at:

@@ -83,7 +83,10 @@ class Dataset:
 
     @property
     def preset(self) -> ModelConfig:
-        return ModelConfig(in_channels=self.image_shape[2], hidden=self.hidden)
+        # the EMA codebook: the best recipe of bench/codebook_ablation.py (README); the
+        # ModelConfig defaults stay the paper's gradient codebook
+        return ModelConfig(in_channels=self.image_shape[2], hidden=self.hidden,
+                           codebook_update="ema")
 
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
@@ -121,7 +124,7 @@ class TrainConfig:
     checkpoint_every: int = flag(500, "steps between checkpoints; one is also written at "
                                       "each epoch's end", (1, 10**9))
     codebook_init: str = flag(
-        "uniform", "the codebook's start: uniform(-1/K, 1/K), or kmeans (k-means++ seeding "
+        "kmeans", "the codebook's start: uniform(-1/K, 1/K), or kmeans (k-means++ seeding "
                    "and Lloyd iterations on the encoder outputs of the first training "
                    "images, from --seed)", choices=("uniform", "kmeans"))
     kmeans_images: int = flag(1024, "training images (the first of epoch 0) whose encoder "
