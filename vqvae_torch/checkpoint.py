@@ -68,6 +68,16 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
     return record, payload
 
 
+def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], path: str) -> None:
+    """model.load_state_dict, a mismatch (missing, unexpected or mis-shaped tensors) one
+    UserError line naming `path`."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit the model its config describes: "
+                        f"{str(e)[:200]}") from e
+
+
 def export_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's state_dict as numpy copies on the host: weights (conv weights
     (O, I, kh, kw), transposed convs' (I, O, kh, kw)), BatchNorm statistics, code usage."""

@@ -11,7 +11,6 @@ import torch
 from vqvae_common import prior as common
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import TrainConfig
-from vqvae_common.errors import UserError
 from vqvae_common.prior import PriorConfig
 from vqvae_torch import checkpoint
 from vqvae_torch.prior import PixelCNN, nll, sample
@@ -55,15 +54,8 @@ class TorchPriorTwin:
         config = dataclasses.replace(record.model_config, vqvae=vqvae or
                                      record.model_config.vqvae)
         twin = cls(config, TrainConfig(device=device, dataset=config.dataset))
-        twin._load_weights(path, payload["model"])
+        checkpoint.load_weights(twin.model, payload["model"], path)
         return twin
-
-    def _load_weights(self, path: str, state_dict: dict[str, torch.Tensor]) -> None:
-        try:
-            self.model.load_state_dict(state_dict)
-        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-            raise UserError(f"{path} does not fit the prior its config describes: "
-                            f"{str(e)[:200]}") from e
 
     def _put(self, batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         codes, labels = batch
@@ -106,6 +98,6 @@ class TorchPriorTwin:
     def load(self, path: str) -> int:
         record, payload = checkpoint.load(path, self.device, self.config, kind="prior")
         record.check_resumable(path)
-        self._load_weights(path, payload["model"])
+        checkpoint.load_weights(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
         return record.step

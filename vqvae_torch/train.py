@@ -81,15 +81,8 @@ class TorchTwin:
         included), ready to evaluate."""
         record, payload = checkpoint.load(path, select_device(device))
         twin = cls(record.model_config, TrainConfig(device=device))
-        twin._load_weights(path, payload["model"])
+        checkpoint.load_weights(twin.model, payload["model"], path)
         return twin
-
-    def _load_weights(self, path: str, state_dict: dict[str, torch.Tensor]) -> None:
-        try:
-            self.model.load_state_dict(state_dict)
-        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-            raise UserError(f"{path} does not fit the model its config describes: "
-                            f"{str(e)[:200]}") from e
 
     @torch.no_grad()
     def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
@@ -128,6 +121,6 @@ class TorchTwin:
     def load(self, path: str) -> int:
         record, payload = checkpoint.load(path, self.device, self.config)
         record.check_resumable(path)
-        self._load_weights(path, payload["model"])
+        checkpoint.load_weights(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
         return record.step
