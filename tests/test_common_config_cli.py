@@ -6,9 +6,10 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
-from vqvae_common import cli, config
+from vqvae_common import cli, config, loop
 from vqvae_common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,15 @@ def test_codebook_init_flags_reach_the_config():
         "kmeans", 256, 3)
 
 
+def test_eval_images_keeps_the_first_test_images_and_every_training_image(monkeypatch):
+    _, train = cli.parse("torch", ["--eval-images", "5"])
+    split_images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1)
+    monkeypatch.setattr(loop.data, "load", lambda name, split, data_dir=None: split_images)
+    task = loop.Reconstruction(train)
+    np.testing.assert_array_equal(task.load("test"), split_images[:5])
+    np.testing.assert_array_equal(task.load("train"), split_images)
+
+
 def test_a_checkpoint_from_before_the_ema_option_holds_a_gradient_codebook():
     recorded = dataclasses.asdict(config.ModelConfig())
     del recorded["codebook_update"]
@@ -67,7 +77,7 @@ def test_train_flags_reach_the_config():
     ["--lr", "5"], ["--lr", "inf"], ["--frobnicate"], ["--epochs", "two"], ["--beta", "-1"],
     ["--restart-below", "-0.1"], ["--restart-below", "0.9"], ["--codebook-update", "sgd"],
     ["--ema-decay", "1"], ["--ema-epsilon", "0"], ["--codebook-init", "random"],
-    ["--kmeans-images", "0"],
+    ["--kmeans-images", "0"], ["--eval-images", "0"],
 ])
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):

@@ -111,6 +111,8 @@ class TrainConfig:
                                        "need be, as smoke runs do (default: no limit)",
                                  (1, 10**9))
     batch_size: int = flag(64, "training images per optimizer step", (1, 65_536))
+    eval_images: int | None = flag(None, "evaluate on the first N test images only, as smoke "
+                                         "runs do (default: the whole test split)", (1, 10**9))
     eval_batch_size: int = flag(500, "test images per forward pass when evaluating: it sets "
                                      "the memory used, not the results", (1, 65_536))
     lr: float = flag(3e-4, "Adam learning rate", (1e-8, 1.0))

@@ -155,7 +155,8 @@ class Reconstruction:
         self.train_cfg = train_cfg
 
     def load(self, split: str) -> np.ndarray:
-        return data.load(self.train_cfg.dataset, split, self.train_cfg.data_dir)
+        split_images = data.load(self.train_cfg.dataset, split, self.train_cfg.data_dir)
+        return split_images[:self.train_cfg.eval_images] if split == "test" else split_images
 
     def start(self, twin: Twin, train: np.ndarray, test: np.ndarray, resume: bool
               ) -> tuple[np.ndarray, np.ndarray]:

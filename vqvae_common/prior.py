@@ -216,7 +216,8 @@ class PriorTask:
         split_images = data.load(dataset, split, data_dir)
         labels = (data.load(dataset, split, data_dir, feature="label")
                   if self.prior_cfg.conditional else np.zeros(len(split_images)))
-        return Labelled(split_images, labels.astype(np.int32))
+        rows = slice(self.train_cfg.eval_images) if split == "test" else slice(None)
+        return Labelled(split_images[rows], labels[rows].astype(np.int32))
 
     def start(self, twin: Any, train: Labelled, test: Labelled, resume: bool
               ) -> tuple[Labelled, Labelled]:
