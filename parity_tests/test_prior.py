@@ -42,10 +42,10 @@ class PriorPair:
         self.torch_device = torch.device("cuda" if device == "gpu" else "cpu")
         self.jax_device = jax.devices(device)[0]
         self.torch = torch_prior.PixelCNN(config).to(self.torch_device)
-        with jax.default_device(self.jax_device):
-            self.flax = jax_prior.PixelCNN(config, rngs=nnx.Rngs(seed))
-        jax_checkpoint.import_arrays(
-            self.flax, layout.torch_to_flax(torch_checkpoint.export_arrays(self.torch)))
+        with jax.default_device(self.jax_device):  # abstract: every weight is PyTorch's
+            self.flax = nnx.eval_shape(lambda: jax_prior.PixelCNN(config, rngs=nnx.Rngs(seed)))
+            jax_checkpoint.import_arrays(
+                self.flax, layout.torch_to_flax(torch_checkpoint.export_arrays(self.torch)))
 
     def torch_logits(self, codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
         with torch.no_grad():

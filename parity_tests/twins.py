@@ -41,10 +41,7 @@ class Pair:
         self.torch = torch_model.VQVAE(config).to(self.torch_device, torch.from_numpy(
             np.zeros(0, dtype)).dtype)
         with jax.default_device(self.jax_device):
-            self.flax = jax_model.VQVAE(config, fast_cpu=fast_cpu, rngs=nnx.Rngs(seed))
-            floats = nnx.state(self.flax, lambda _, v: jax.numpy.issubdtype(v.dtype, np.floating))
-            nnx.update(self.flax, jax.tree.map(lambda a: a.astype(dtype), floats))
-            jax_checkpoint.import_arrays(self.flax, layout.torch_to_flax(torch_state(self.torch)))
+            self.flax = flax_twin(self.torch, config, fast_cpu, dtype)
 
     def x(self, batch: np.ndarray) -> tuple[torch.Tensor, jax.Array]:
         return to_tensor(batch, self.torch_device), jax.device_put(batch, self.jax_device)
@@ -90,6 +87,18 @@ class Pair:
         trained, f_history = train_flax(self.flax, batches, references, lr, self.jax_device,
                                         self.audit)
         return t_history, f_history, trained
+
+
+def flax_twin(model: torch_model.VQVAE, config: ModelConfig, fast_cpu: bool | None,
+              dtype: type) -> jax_model.VQVAE:
+    """The Flax VQ-VAE holding `model`'s weights, its floats in `dtype`. Built abstractly
+    (nnx.eval_shape): every variable comes from PyTorch, and initialising them would compile
+    a random normal per kernel shape (0.2-0.9 s each on this project's 2-core CPU)."""
+    flax = nnx.eval_shape(lambda: jax_model.VQVAE(config, fast_cpu=fast_cpu, rngs=nnx.Rngs(0)))
+    floats = nnx.state(flax, lambda _, v: jax.numpy.issubdtype(v.dtype, np.floating))
+    nnx.update(flax, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), floats))
+    jax_checkpoint.import_arrays(flax, layout.torch_to_flax(torch_state(model)))
+    return flax
 
 
 def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -173,6 +182,8 @@ def train_flax(model: jax_model.VQVAE, batches: list[np.ndarray], references: li
     model = nnx.clone(model)
     model.train()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)))
+    state = jax.device_put(state, device)  # committed, as the step's outputs: else step 2
+    #                                        compiles the step again (1.8 s)
 
     @jax.jit
     def step(state: nnx.State, batch: jax.Array, reference: jax.Array, number: jax.Array):

@@ -16,6 +16,7 @@ import os
 import shutil
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -97,12 +98,15 @@ def export_arrays(model: nnx.Module, *filters: nnx.filterlib.Filter) -> dict[str
 
 def import_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
     """Load export_arrays' dict into `model` in place, each array cast to its variable's
-    dtype; a one-line UserError for a missing or unexpected key, or a wrong shape."""
+    dtype; a one-line UserError for a missing or unexpected key, or a wrong shape. `model`
+    may be abstract (nnx.eval_shape): every variable is replaced, none initialised."""
     variables = {".".join(map(str, path)): node for path, node in nnx.iter_graph(model)
                  if isinstance(node, nnx.Variable)}
-    layout.check_fits(arrays, {key: variable[...].shape for key, variable in variables.items()})
-    for key, variable in variables.items():
-        variable[...] = np.asarray(arrays[key]).astype(variable[...].dtype)
+    layout.check_fits(arrays, {key: variable.get_value().shape
+                               for key, variable in variables.items()})
+    for key, variable in variables.items():  # replaced, not written into: no scatter to
+        #   compile; copied: on a CPU jnp.asarray may share the caller's (PyTorch's) memory
+        variable.set_value(jnp.array(arrays[key], variable.get_value().dtype))
 
 
 @contextlib.contextmanager
