@@ -1,8 +1,14 @@
-"""Settings for every test process, set before any test module imports JAX.
+"""Settings for every test process, set before any test module imports JAX or PyTorch.
 
-pytest-xdist (`pytest -n N`) runs N processes: on a GPU, each JAX process would otherwise
-take 75% of the GPU's memory at its first array, and the second would fail to allocate.
+pytest-xdist (`-n auto` in pyproject.toml) runs one process per core:
+- on a GPU, each JAX process would otherwise take 75% of the GPU's memory at its first
+  array, and the second would fail to allocate;
+- each takes its share of the cores for PyTorch's threads: two processes of two threads on
+  two cores made PyTorch wait a time slice at every op (a parity training test took 41 s
+  instead of 17). An OMP_NUM_THREADS already set (parity_tests/matrix.py's) stands.
 """
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))

@@ -2,7 +2,8 @@
 
     python parity_tests/matrix.py [--only NAME ...] [--json OUT] [-- PYTEST_ARGS...]
 
-Each setting runs `pytest parity_tests` in a fresh process with its environment, then the
+Each setting runs `pytest parity_tests` in one fresh process (`-n 0`: the default's two
+PyTorch threads stay two) with its environment, then the
 table gives its result, its wall time and the worst differences from its parity report. A
 suite tuned to one machine's rounding fails here: PyTorch's SIMD level, XLA's instruction
 set, the thread count and the order of the batch each move the last bits of every sum.
@@ -45,7 +46,7 @@ GROUPS = {  # column -> the report quantities whose worst value it shows
 def run(name: str, pytest_args: list[str], report: Path) -> dict:
     env = {**os.environ, **SETTINGS[name]}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "parity_tests", "-q",
+    done = subprocess.run([sys.executable, "-m", "pytest", "parity_tests", "-q", "-n", "0",
                            "-p", "no:cacheprovider", "--parity-device", "cpu",
                            f"--parity-report={report}", *pytest_args],
                           cwd=ROOT, env=env, capture_output=True, text=True)
