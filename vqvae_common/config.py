@@ -120,6 +120,11 @@ class TrainConfig:
                      (0, 2**32 - 1))
     out: str = flag("runs/latest", "output directory")
     device: str = flag("auto", "auto (an accelerator when present), cpu, cuda or gpu")
+    num_devices: int | None = flag(
+        None, "devices that share each step, data-parallel over the global --batch-size: "
+              "JAX takes the first N of --device's kind, PyTorch needs N processes under "
+              "torchrun (default: JAX every visible one; PyTorch torchrun's process count)",
+        (1, 65_536))
     resume: bool = flag(False, "continue from the checkpoint in --out")
     log_every: int = flag(50, "steps between logged metrics, the only host syncs",
                           (1, 10**9))
@@ -143,9 +148,12 @@ def model_config(raw: Any) -> ModelConfig:
         raise UserError(f"the checkpoint records an unknown model config {raw!r}") from e
 
 
-def to_json(model: ModelConfig, train: TrainConfig) -> str:
-    return json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)},
-                      indent=2, sort_keys=True)
+def to_json(model: ModelConfig, train: TrainConfig,
+            devices: dict[str, Any] | None = None) -> str:
+    """config.json: the model, the training flags and, for a run, where it trained
+    (num_devices, device_kind), which from_json does not need."""
+    return json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
+                       **(devices or {})}, indent=2, sort_keys=True)
 
 
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:

@@ -43,10 +43,22 @@ GRID_PAIRS = 32
 class Twin(Protocol):
     """What a framework implements for `fit` and evaluate.py. Images are NHWC float32 numpy
     in [-1, 1]. A prior's twin implements the methods up to `fetch`, `save` and `load`, and
-    its own evaluate (vqvae_common.prior)."""
+    its own evaluate (vqvae_common.prior); it runs in one process on one device.
+
+    Data-parallel training: `fit` runs in every process of the run (one per device under
+    torchrun; one per host in JAX) and hands each the same global batch; the twin steps on
+    its share of it, so that N devices compute the same step as one. Only the main process
+    (`join_processes`' index 0) writes logs, pictures and config.json."""
 
     checkpoint_name: str  # file or directory name inside --out
     config: cfg.ModelConfig
+    num_devices: int  # devices one step runs on, over all processes
+    device_kind: str  # what they are, e.g. "cpu" or the accelerator's model name
+
+    @staticmethod
+    def join_processes(train_cfg: cfg.TrainConfig) -> tuple[int, int]:
+        """(this process's index, the number of processes): joins the framework's
+        multi-process runtime first when the run has several processes."""
 
     def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> None: ...
 
@@ -84,7 +96,8 @@ class Twin(Protocol):
         """Quantize (B, h, w, D) latents and decode them to images."""
 
     def save(self, path: str, step: int) -> None:
-        """Write model and optimizer state atomically: a kill leaves the previous one."""
+        """Write model and optimizer state atomically: a kill leaves the previous one. Called
+        in every process of a run; the twin decides which of them write."""
 
     def load(self, path: str) -> int:
         """Restore model and optimizer state, refusing a checkpoint of another config or a
@@ -206,29 +219,60 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
     task = task or Reconstruction(train_cfg)
     out = train_cfg.out
     ckpt = os.path.join(out, make_twin.checkpoint_name)
-    lock = RunLock(out) if os.path.isdir(out) else None
+    main = getattr(make_twin, "join_processes", lambda _: (0, 1))(train_cfg)[0] == 0
+    lock = RunLock(out) if main and os.path.isdir(out) else None
     try:
         with StopSignals() as stop:
             _check_resume(make_twin, ckpt, train_cfg, out)
             train, test = task.load("train"), task.load("test")
             schedule = Schedule.of(len(train), train_cfg)
             twin = make_twin(model_cfg, train_cfg)
+            devices = _devices(twin)
+            if main:
+                print(f"devices: {devices['num_devices']} x {devices['device_kind']}, "
+                      f"global batch {train_cfg.batch_size}", file=sys.stderr)
             step = twin.load(ckpt) if train_cfg.resume else 0
             train, test = task.start(twin, train, test, train_cfg.resume)
-            if lock is None:
-                prepare_out_dir(out)
-                lock = RunLock(out)
-            atomic.remove_leftovers(out)
-            make_twin.remove_partial_checkpoints(ckpt)
-            write_atomic(os.path.join(out, "config.json"), cfg.to_json(twin.config, train_cfg))
-            with Logbook(out, resume_step=step if train_cfg.resume else None) as logbook:
+            if main:
+                if lock is None:
+                    prepare_out_dir(out)
+                    lock = RunLock(out)
+                atomic.remove_leftovers(out)
+                make_twin.remove_partial_checkpoints(ckpt)
+                write_atomic(os.path.join(out, "config.json"),
+                             cfg.to_json(twin.config, train_cfg, devices))
+            records = (Logbook(out, resume_step=step if train_cfg.resume else None) if main
+                       else _NoRecords())
+            with records as logbook:
                 run = _Run(twin, task, train_cfg, test, schedule, logbook, stop, ckpt,
-                           saved_step=step if train_cfg.resume else None)
+                           saved_step=step if train_cfg.resume else None, main=main)
                 stop.defer()
                 return run.train(train, step)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _devices(twin: Twin) -> dict[str, Any]:
+    """What config.json records of where the run trained (a prior's twin: one device)."""
+    return {"num_devices": getattr(twin, "num_devices", 1),
+            "device_kind": getattr(twin, "device_kind", str(getattr(twin, "device", "")))}
+
+
+class _NoRecords:
+    """The Logbook of a process other than the main one: it writes nothing."""
+
+    def __enter__(self) -> _NoRecords:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def write(self, record: dict[str, Any], prefix: str = "train") -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,17 +329,18 @@ class _Run:
     """The step loop of one fit, from a given step, and its bookkeeping."""
 
     def __init__(self, twin: Twin, task: Task, train_cfg: cfg.TrainConfig, test: Any,
-                 schedule: Schedule, logbook: Logbook, stop: StopSignals, ckpt: str,
-                 saved_step: int | None) -> None:
+                 schedule: Schedule, logbook: Logbook | _NoRecords, stop: StopSignals,
+                 ckpt: str, saved_step: int | None, main: bool = True) -> None:
         self.twin, self.task, self.train_cfg, self.test = twin, task, train_cfg, test
         self.schedule, self.logbook, self.stop, self.ckpt = schedule, logbook, stop, ckpt
+        self.main = main  # writes the pictures and shows progress
         self.saved_step = saved_step  # the step of the checkpoint on disk, None if none
         self.throughput = Throughput(train_cfg.batch_size)
         self.last_eval: dict[str, float] = {}
 
     def train(self, train: Any, step: int) -> dict[str, float]:
         self.bar = tqdm(total=self.schedule.total, initial=step, desc="train", unit="step",
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, disable=not self.main)
         try:
             self._stop_if_asked(step, None)
             while step < self.schedule.total:
@@ -334,8 +379,9 @@ class _Run:
         """Evaluation, artifacts, then the checkpoint that covers them all."""
         self.last_eval = self.task.evaluate(self.twin, self.test)
         self.logbook.write({"step": step, "epoch": epoch, **self.last_eval}, prefix="test")
-        self.bar.write(f"epoch {epoch} step {step}: {self.task.summary(self.last_eval)}")
-        self.task.write_artifacts(self.twin, self.test, self.train_cfg.out)
+        if self.main:
+            self.bar.write(f"epoch {epoch} step {step}: {self.task.summary(self.last_eval)}")
+            self.task.write_artifacts(self.twin, self.test, self.train_cfg.out)
         self._save(step)
         self.throughput.restart()
 
