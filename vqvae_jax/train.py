@@ -4,15 +4,28 @@ the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_torch/trai
 The step is one pure jitted function of (state, batch) -> (state, losses), optimizer update
 included, with the old state's buffers donated; the losses stay on the device until the
 loop fetches them at its logging cadence.
+
+Data-parallel over N devices with JAX's own engine: a Mesh of the devices with one axis,
+"data"; the global batch is sharded along it (NamedSharding(mesh, P("data"))), the model
+and optimizer state are replicated, and the same jitted step runs. Written for the global
+batch, every batch statistic in it (BatchNorm's mean and variance, code usage, the EMA
+averages, the rows a dead code restarts onto) stays one over the global batch: XLA inserts
+the cross-device reductions, so an N-device step is the 1-device step's function.
+Several hosts: each process joins with jax.distributed.initialize() (join_processes) and
+hands in its share of the global batch.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig
@@ -31,6 +44,17 @@ def select_device(name: str) -> jax.Device:
         return jax.devices("gpu" if name == "cuda" else name)[0]
     except RuntimeError as e:
         raise UserError(f"--device {name}: JAX sees no such device here") from e
+
+
+def select_devices(name: str, count: int | None) -> list[jax.Device]:
+    """The devices one step runs on: the first `count` (None: every one) of --device's kind,
+    over all processes."""
+    first = select_device(name)
+    devices = jax.devices(first.platform)
+    if count is not None and count > len(devices):
+        raise UserError(f"--num-devices {count}: JAX sees {len(devices)} {first.platform} "
+                        f"device(s) here")
+    return devices[:count]
 
 
 def create(model_cfg: ModelConfig, lr: float, seed: int, fast_cpu: bool | None = None
@@ -82,23 +106,51 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.
     return model.decoder(model.quantizer(latents).z_q)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """All of a global array as numpy, in every process (np.asarray alone sees only this
+    host's devices' part when the run spans several hosts)."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True)
+                      if jax.process_count() > 1 else x)
+
+
 class JaxTwin:
-    """vqvae_common.loop's Twin in Flax: one nnx.State of (model, optimizer) on one device,
-    stepped by one jitted call that donates it; checkpoints are an orbax directory."""
+    """vqvae_common.loop's Twin in Flax: one nnx.State of (model, optimizer), replicated over
+    the run's devices, stepped by one jitted call that donates it on batches sharded over
+    them; checkpoints are an orbax directory."""
 
     checkpoint_name = "checkpoint"
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
+    @staticmethod
+    def join_processes(train_cfg: TrainConfig) -> tuple[int, int]:
+        """Several hosts: with JAX_COORDINATOR_ADDRESS set (JAX_NUM_PROCESSES and
+        JAX_PROCESS_ID too, outside Slurm, Open MPI and TPU pods, which JAX reads itself),
+        this process joins the others first."""
+        if "JAX_COORDINATOR_ADDRESS" in os.environ and not jax.distributed.is_initialized():
+            number = os.environ.get("JAX_NUM_PROCESSES")
+            index = os.environ.get("JAX_PROCESS_ID")
+            jax.distributed.initialize(num_processes=number and int(number),
+                                       process_id=index and int(index))
+        return jax.process_index(), jax.process_count()
+
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
-        self.device = select_device(train_cfg.device)
+        devices = select_devices(train_cfg.device, train_cfg.num_devices)
+        if train_cfg.batch_size % len(devices):
+            raise UserError(f"--batch-size {train_cfg.batch_size} does not split evenly over "
+                            f"{len(devices)} devices: choose a multiple of {len(devices)}")
+        self.device = devices[0]
+        self.num_devices, self.device_kind = len(devices), self.device.device_kind
+        mesh = Mesh(np.array(devices), ("data",))
+        self.replicated = NamedSharding(mesh, P())
+        self.sharded = NamedSharding(mesh, P("data"))  # along the batch axis
         self.config = model_cfg
         with jax.default_device(self.device):
             self.graphdef, state = nnx.split(create(
                 model_cfg, train_cfg.lr, train_cfg.seed, fast_cpu=self.device.platform == "cpu"))
-        # committed to the device, like the step's outputs: an uncommitted first state
+        # committed to the devices, like the step's outputs: an uncommitted first state
         # compiled the step a second time at step 2 (4.8 s on a 2-core CPU)
-        self.state = jax.device_put(state, self.device)
+        self.state = jax.device_put(state, self.replicated)
         self._train_step = jax.jit(functools.partial(train_step, self.graphdef), donate_argnums=0)
         self._eval_forward = jax.jit(functools.partial(eval_forward, self.graphdef))
         self._encode = jax.jit(functools.partial(encode, self.graphdef))
@@ -110,18 +162,24 @@ class JaxTwin:
         included), ready to evaluate."""
         twin = cls(checkpoint.read_record(path).model_config, TrainConfig(device=device))
         _, state = checkpoint.load(path, twin.config, twin.state)
-        twin.state = jax.device_put(state, twin.device)
+        twin.state = jax.device_put(state, twin.replicated)
         return twin
 
     def _put(self, batch: np.ndarray) -> jax.Array:
-        return jax.device_put(batch, self.device)
+        """The global batch as one array over the run's devices: sharded along the batch
+        when it splits evenly (every training batch), else replicated (a last, smaller
+        evaluation batch). Each process hands in its own rows."""
+        sharding = self.sharded if len(batch) % self.num_devices == 0 else self.replicated
+        share = len(batch) // jax.process_count() if sharding is self.sharded else len(batch)
+        rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+        return jax.make_array_from_process_local_data(sharding, batch[rows], batch.shape)
 
     def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
         z_e = jax.jit(functools.partial(encode_batch_statistics, self.graphdef))(
             self.state, self._put(images))
         model, optimizer = nnx.merge(self.graphdef, self.state)
-        model.quantizer.initialize_kmeans(z_e, seed, iterations)
-        self.state = jax.device_put(nnx.state((model, optimizer)), self.device)
+        model.quantizer.initialize_kmeans(to_host(z_e), seed, iterations)
+        self.state = jax.device_put(nnx.state((model, optimizer)), self.replicated)
 
     def train_step(self, batch: np.ndarray) -> dict[str, jax.Array]:
         self.state, losses = self._train_step(self.state, self._put(batch))
@@ -132,13 +190,13 @@ class JaxTwin:
 
     def evaluate(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         out = self._eval_forward(self.state, self._put(batch))
-        return np.asarray(out.recon), np.asarray(out.indices), self.fetch(out.losses)
+        return to_host(out.recon), to_host(out.indices), self.fetch(out.losses)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._encode(self.state, self._put(batch)))
+        return to_host(self._encode(self.state, self._put(batch)))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return np.asarray(self._decode(self.state, self._put(latents)))
+        return to_host(self._decode(self.state, self._put(latents)))
 
     def save(self, path: str, step: int) -> None:
         record = CheckpointRecord("jax", self.config, step)
@@ -147,5 +205,5 @@ class JaxTwin:
     def load(self, path: str) -> int:
         record, state = checkpoint.load(path, self.config, self.state)
         record.check_resumable(path)
-        self.state = jax.device_put(state, self.device)
+        self.state = jax.device_put(state, self.replicated)
         return record.step

@@ -1,0 +1,59 @@
+"""20 steps of the Flax twin on 1 device and on 2 (JaxTwin's mesh over XLA's forced host
+devices) from the same weights on the same global batches, in float64 and float32: writes
+the final states, flattened by path, to OUT.npz, and prints each run's loss terms per step
+and the error a global batch of 15 gets on 2 devices, as JSON.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/jax_devices_run.py OUT.npz
+
+A script, not a test: the device count is fixed when JAX starts, so tests/test_jax_devices.py
+runs it in a process of its own."""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from vqvae_common import data
+from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.errors import UserError
+from vqvae_jax.train import JaxTwin
+
+STEPS, BATCH = 20, 16
+# EMA codebook and dead-code restarts on: every global batch statistic of the step
+MODEL = ModelConfig(in_channels=1, hidden=16, num_codes=32, codebook_update="ema")
+
+
+def run(num_devices: int, dtype: type) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
+    twin = JaxTwin(MODEL, TrainConfig(device="cpu", num_devices=num_devices,
+                                      batch_size=BATCH, lr=1e-3))
+    assert twin.num_devices == num_devices
+    twin.state = jax.device_put(jax.tree.map(
+        lambda a: a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a, twin.state),
+        twin.replicated)
+    images = np.random.default_rng(0).integers(0, 256, (STEPS * BATCH, 28, 28, 1), np.uint8)
+    losses = [twin.fetch(twin.train_step(batch.astype(dtype)))
+              for batch in data.batches(images, BATCH, seed=0, epoch=0)]
+    state = {jax.tree_util.keystr(path): np.asarray(leaf)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(twin.state)}
+    return losses, state
+
+
+def main(out: str) -> None:
+    assert len(jax.devices("cpu")) == 2, "run with XLA_FLAGS=--xla_force_host_platform_device_count=2"
+    arrays, losses = {}, {}
+    for dtype in (np.float64, np.float32):
+        with jax.enable_x64(dtype == np.float64):
+            for n in (1, 2):
+                losses[f"{dtype.__name__}/{n}"], state = run(n, dtype)
+                arrays.update({f"{dtype.__name__}/{n}/{k}": v for k, v in state.items()})
+    np.savez(out, **arrays)
+    try:
+        JaxTwin(MODEL, TrainConfig(device="cpu", batch_size=15))
+        refused = None
+    except UserError as e:
+        refused = str(e)
+    print(json.dumps({"losses": losses, "batch 15 refused": refused}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
