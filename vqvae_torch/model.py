@@ -29,6 +29,7 @@ from torch import nn
 
 from vqvae_common.config import ModelConfig, TrainConfig, distance_block_rows
 from vqvae_common.kmeans import kmeans
+from vqvae_torch.distributed import all_gather_rows, all_reduce_sum, world_size
 
 
 class ResidualBlock(nn.Module):
@@ -145,6 +146,10 @@ class VectorQuantizer(nn.Module):
     code gets u_k = 1/K, the uniform share, as a grace period. As u starts at 0, the first
     step restarts nearly every code: a data-dependent initialisation of the codebook, which
     `initialize_kmeans` replaces by k-means (and then gives every code the uniform share).
+
+    Data parallel (vqvae_torch.distributed): each process quantizes its share of the batch,
+    and count_k, n_k, s_k and the restart rows are those of the global batch, so every
+    process holds the codebook one process would.
     """
 
     def __init__(self, num_codes: int, dim: int,
@@ -176,9 +181,10 @@ class VectorQuantizer(nn.Module):
             with torch.no_grad():
                 # scatter_add_, not bincount: a fixed output shape for torch.compile, and
                 # deterministic on CUDA
-                counts = torch.zeros_like(self.usage).scatter_add_(
-                    0, indices, torch.ones_like(indices, dtype=self.usage.dtype))
-                share = counts / len(indices)
+                # over the global batch when several processes share the step
+                counts = all_reduce_sum(torch.zeros_like(self.usage).scatter_add_(
+                    0, indices, torch.ones_like(indices, dtype=self.usage.dtype)))
+                share = counts / (len(indices) * world_size())
                 self.usage.mul_(self.usage_decay).add_((1 - self.usage_decay) * share)
                 if self.codebook_update == "ema":
                     self._update_ema(flat.detach(), indices, counts)
@@ -191,7 +197,8 @@ class VectorQuantizer(nn.Module):
     def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor,
                     counts: torch.Tensor) -> None:
         """The EMA step of the class docstring, from the batch's flat (N, D) and indices (N,)."""
-        sums = torch.zeros_like(self.ema_sums).index_add_(0, indices, flat)  # (K, D)
+        sums = all_reduce_sum(  # (K, D)
+            torch.zeros_like(self.ema_sums).index_add_(0, indices, flat))
         gamma, eps = self.ema_decay, self.ema_epsilon
         self.ema_counts.mul_(gamma).add_((1 - gamma) * counts)
         self.ema_sums.mul_(gamma).add_((1 - gamma) * sums)
@@ -222,10 +229,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z_e: torch.Tensor) -> None:
-        """Move the dead codes onto vectors of z_e (B, D, h, w); run after the optimizer step."""
+        """Move the dead codes onto vectors of z_e (B, D, h, w); run after the optimizer step.
+        Several processes sharing the step each pass their share of the batch: the rows are
+        then picked from the global batch's z_e, the same in every process."""
         if self.restart_below <= 0:
             return
         num_codes = len(self.codebook)
+        z_e = all_gather_rows(z_e)
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
         dead = self.usage < self.restart_below / num_codes
         n, m = len(flat), dead.sum().clamp(min=1)

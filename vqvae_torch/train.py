@@ -11,7 +11,7 @@ import torch
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
-from vqvae_torch import checkpoint
+from vqvae_torch import checkpoint, distributed
 from vqvae_torch.model import VQVAE
 
 
@@ -46,34 +46,56 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, batch: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
+def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+               forward: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """One Adam step on `batch` in train mode (batch statistics; running stats and code usage
-    updated), then the dead codes restarted from this batch's encoder outputs."""
+    updated), then the dead codes restarted from this batch's encoder outputs. Data parallel,
+    `batch` is this process's share, `forward` the DistributedDataParallel wrapper of `model`,
+    and the loss terms returned are the global batch's."""
     model.train()
-    out = model(batch)
+    out = (forward or model)(batch)
     optimizer.zero_grad(set_to_none=True)
     out.losses["loss"].backward()
     optimizer.step()
     model.quantizer.restart_dead_codes(out.z_e.detach())
-    return {k: v.detach() for k, v in out.losses.items()}
+    return distributed.mean_over_processes({k: v.detach() for k, v in out.losses.items()})
 
 
 class TorchTwin:
     """vqvae_common.loop's Twin in PyTorch: the model and its Adam on one device, stepped
-    eagerly; checkpoints are one file."""
+    eagerly; checkpoints are one file.
+
+    Under torchrun (WORLD_SIZE > 1) each process is one device (cuda:LOCAL_RANK, or the CPU
+    with gloo): its BatchNorms become global ones (vqvae_torch.distributed), and training
+    steps run through a DistributedDataParallel wrapper on its share of the global batch.
+    `model` stays the plain module, used alone by evaluation, encode and decode (no
+    collective), so the main process may write pictures by itself. Only process 0 writes
+    checkpoints; every process loads the same one on --resume."""
 
     checkpoint_name = "checkpoint.pt"
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
+    @staticmethod
+    def join_processes(train_cfg: TrainConfig) -> tuple[int, int]:
+        return distributed.join(train_cfg.batch_size, train_cfg.num_devices,
+                                select_device(train_cfg.device))
+
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
-        self.device = select_device(train_cfg.device)
+        self.device = distributed.local_device(select_device(train_cfg.device))
         deterministic()
         torch.manual_seed(train_cfg.seed)
         self.config = model_cfg
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        self.num_devices = distributed.world_size()
+        self.device_kind = ("cpu" if self.device.type == "cpu"
+                            else torch.cuda.get_device_name(self.device))
+        if self.num_devices > 1:
+            distributed.sync_batch_norm(self.model)
+        self._ddp: torch.nn.Module | None = None  # built at the first step, after any load
+        self.step = 0  # steps taken, counted from the checkpoint resumed
+        self.last_checkpoint: tuple[str, int] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto") -> "TorchTwin":
@@ -86,12 +108,25 @@ class TorchTwin:
 
     @torch.no_grad()
     def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
-        encoder = copy.deepcopy(self.model.encoder).train()  # the model's running stats stay
-        z_e = encoder(to_tensor(images, self.device))
-        self.model.quantizer.initialize_kmeans(z_e, seed, iterations)
+        # every process computes the same codebook from the same images, alone
+        with distributed.local():
+            encoder = copy.deepcopy(self.model.encoder).train()  # the model's stats stay
+            z_e = encoder(to_tensor(images, self.device))
+            self.model.quantizer.initialize_kmeans(z_e, seed, iterations)
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
-        return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
+        self.step += 1
+        if self.num_devices == 1:
+            return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
+        try:
+            if self._ddp is None:
+                self._ddp = torch.nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False)  # the buffers are equal by construction
+            return train_step(self.model, self.optimizer,
+                              to_tensor(distributed.local_rows(batch), self.device), self._ddp)
+        except RuntimeError as e:  # torch.distributed.DistBackendError included
+            raise distributed.lost_peer(e, self.step, self.last_checkpoint) from e
 
     def fetch(self, step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         return {k: v.item() for k, v in step_metrics.items()}
@@ -114,13 +149,17 @@ class TorchTwin:
         return to_numpy(self.model.decoder(z_q))
 
     def save(self, path: str, step: int) -> None:
-        record = CheckpointRecord("torch", self.config, step)
-        checkpoint.save(path, {**record.to_dict(), "model": self.model.state_dict(),
-                               "optimizer": self.optimizer.state_dict()})
+        if distributed.rank() == 0:
+            record = CheckpointRecord("torch", self.config, step)
+            checkpoint.save(path, {**record.to_dict(), "model": self.model.state_dict(),
+                                   "optimizer": self.optimizer.state_dict()})
+        self.last_checkpoint = (path, step)
 
     def load(self, path: str) -> int:
         record, payload = checkpoint.load(path, self.device, self.config)
         record.check_resumable(path)
         checkpoint.load_weights(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = record.step
+        self.last_checkpoint = (path, record.step)
         return record.step
