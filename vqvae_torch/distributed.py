@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import os
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -198,6 +199,26 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
         if type(child) is nn.BatchNorm2d:
             child.__class__ = GlobalBatchNorm2d
     return module
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` wrapped for training steps: its gradients averaged over the processes."""
+    # A 1-channel conv's weight gradient comes back with a size-1 dimension's stride unlike
+    # the bucket's: the same memory order, which DDP still warns about once per process.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None,
+        # the buffers stay equal by construction (tests/test_ddp_torch.py): no broadcast of
+        # process 0's before each forward
+        forward_sync_buffers=False)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective's failure (a peer gone, a timeout), not the step's own
+    (out of memory, a bad shape)."""
+    text = str(error)
+    return (isinstance(error, dist.DistError)
+            or any(word in text for word in ("gloo", "NCCL", "Connection", "timed out")))
 
 
 def lost_peer(error: BaseException, step: int, checkpoint: tuple[str, int] | None) -> UserError:

@@ -120,12 +120,12 @@ class TorchTwin:
             return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
         try:
             if self._ddp is None:
-                self._ddp = torch.nn.parallel.DistributedDataParallel(
-                    self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                    broadcast_buffers=False)  # the buffers are equal by construction
+                self._ddp = distributed.data_parallel(self.model, self.device)
             return train_step(self.model, self.optimizer,
                               to_tensor(distributed.local_rows(batch), self.device), self._ddp)
         except RuntimeError as e:  # torch.distributed.DistBackendError included
+            if not distributed.is_collective_failure(e):
+                raise
             raise distributed.lost_peer(e, self.step, self.last_checkpoint) from e
 
     def fetch(self, step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
