@@ -38,7 +38,8 @@ GROUPS = {  # column -> the report quantities whose worst value it shows
     "quantizer": r"quantizer (z_q|codebook|commitment)", "forward": r"forward ",
     "gradients": r"gradient (?!of a bias)", "batchnorm": r"batchnorm ",
     "train f64 terms": r"training float64 \w+ \(", "train f64 weights": r"training float64 final",
-    "train f32 loss": r"training float32 loss", "near-ties aligned": r"argmin near-ties",
+    "train f32 loss": r"training float32 loss", "2 devices": r"data-parallel float64",
+    "near-ties aligned": r"argmin near-ties",
     "ReLU ties aligned": r"ReLU kink ties",
 }
 
