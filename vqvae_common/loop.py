@@ -175,12 +175,10 @@ class Reconstruction:
               ) -> tuple[np.ndarray, np.ndarray]:
         train_cfg = self.train_cfg
         if not resume and train_cfg.codebook_init == "kmeans":
+            first = data.first_images(train, train_cfg.kmeans_images, train_cfg.seed)
             print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
-                  f"on the encoder outputs of {train_cfg.kmeans_images} training images",
-                  file=sys.stderr)
-            twin.initialize_codebook(
-                data.first_images(train, train_cfg.kmeans_images, train_cfg.seed),
-                train_cfg.seed, train_cfg.kmeans_iterations)
+                  f"on the encoder outputs of {len(first)} training images", file=sys.stderr)
+            twin.initialize_codebook(first, train_cfg.seed, train_cfg.kmeans_iterations)
         return train, test
 
     def batches(self, train: np.ndarray, epoch: int, skip: int) -> Iterator[np.ndarray]:
