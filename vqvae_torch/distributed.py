@@ -88,6 +88,7 @@ def join(batch_size: int, num_devices: int | None, device: torch.device) -> tupl
         raise UserError(f"--batch-size {batch_size} (the global batch) does not split evenly "
                         f"over {processes} processes: choose a multiple of {processes}")
     if not dist.is_initialized():
+        device = local_device(device)  # NCCL binds each process to its GPU first
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
         atexit.register(_leave)
