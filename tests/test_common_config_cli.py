@@ -77,7 +77,7 @@ def test_train_flags_reach_the_config():
     ["--lr", "5"], ["--lr", "inf"], ["--frobnicate"], ["--epochs", "two"], ["--beta", "-1"],
     ["--restart-below", "-0.1"], ["--restart-below", "0.9"], ["--codebook-update", "sgd"],
     ["--ema-decay", "1"], ["--ema-epsilon", "0"], ["--codebook-init", "random"],
-    ["--kmeans-images", "0"], ["--eval-images", "0"],
+    ["--kmeans-images", "0"], ["--eval-images", "0"], ["--steps-per-call", "0"],
 ])
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):

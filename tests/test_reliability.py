@@ -315,6 +315,32 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
 
+class GroupingTwin(FakeTwin):
+    """A FakeTwin that takes up to 5 steps a call and records how many each call took."""
+
+    steps_per_call = 5
+    calls: list[int] = []
+
+    def train_step(self, batch: np.ndarray) -> dict[str, float]:
+        self.calls.append(1)
+        return super().train_step(batch)
+
+    def train_steps(self, batches: list[np.ndarray]) -> dict[str, float]:
+        self.calls.append(len(batches))
+        return [FakeTwin.train_step(self, batch) for batch in batches][-1]
+
+
+def test_steps_taken_several_at_a_call_keep_every_log_and_checkpoint_step(fake_data, tmp_path):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path / "one"), batch_size=4, epochs=2,
+                                log_every=8, checkpoint_every=7)  # 16 steps an epoch
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    loop.fit(GroupingTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, out=str(tmp_path)))
+    assert rows(tmp_path) == rows(tmp_path / "one")
+    # each call takes 5 steps or ends at the next logged step: 7, 8, 14, 16 (the epoch's
+    # end), 21, 24, 28, 32
+    assert list(np.cumsum(GroupingTwin.calls)) == [5, 7, 8, 13, 14, 16, 21, 24, 28, 32]
+
+
 def test_a_second_trainer_on_the_same_out_stops_at_once_and_changes_nothing(fake_data,
                                                                             tmp_path):
     train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)

@@ -18,6 +18,7 @@ a fresh start) continues to the uninterrupted run's results, because:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -82,6 +83,11 @@ class Twin(Protocol):
 
     def train_step(self, batch: np.ndarray) -> Any:
         """One optimizer step; returns the loss terms on the device, not synced."""
+
+    def train_steps(self, batches: list[np.ndarray]) -> Any:
+        """len(batches) optimizer steps in one call, when the twin's `steps_per_call` (the
+        most it takes at once; 1 when absent) asks for more than one; returns the last
+        step's loss terms."""
 
     def fetch(self, step_metrics: Any) -> dict[str, float]:
         """Device loss terms -> Python floats (the only host sync of a training step)."""
@@ -293,6 +299,11 @@ class Schedule:
             total = min(total, train_cfg.max_steps)
         return cls(per_epoch, total, train_cfg.log_every, train_cfg.checkpoint_every)
 
+    def steps_to_take(self, step: int, most: int) -> int:
+        """How many steps to take at once from `step`: at most `most`, and none past the next
+        logged step (every checkpoint and epoch end is one)."""
+        return next((n for n in range(1, most) if self.logs(step + n)), most)
+
     def ends_epoch(self, step: int) -> bool:
         """The epoch's evaluation, artifacts and checkpoint follow this step."""
         return step % self.steps_per_epoch == 0 or step == self.total
@@ -316,8 +327,8 @@ class Throughput:
     def restart(self) -> None:
         self.start, self.steps = time.perf_counter(), 0
 
-    def count_step(self) -> None:
-        self.steps += 1
+    def count_steps(self, steps: int) -> None:
+        self.steps += steps
 
     def images_per_s(self) -> float:
         return self.steps * self.batch_size / (time.perf_counter() - self.start)
@@ -350,11 +361,14 @@ class _Run:
     def _epoch(self, train: Any, step: int) -> int:
         """The rest of the epoch that `step` is in; returns the step count at its end."""
         epoch, done = divmod(step, self.schedule.steps_per_epoch)
-        for batch in self.task.batches(train, epoch, done):
-            step_metrics = self.twin.train_step(batch)
-            step += 1
-            self.throughput.count_step()
-            self.bar.update()
+        batches = self.task.batches(train, epoch, done)
+        most = getattr(self.twin, "steps_per_call", 1)
+        while group := list(itertools.islice(batches, self.schedule.steps_to_take(step, most))):
+            step_metrics = (self.twin.train_step(group[0]) if len(group) == 1
+                            else self.twin.train_steps(group))
+            step += len(group)
+            self.throughput.count_steps(len(group))
+            self.bar.update(len(group))
             if self.schedule.logs(step):
                 self._log_train(step, epoch, step_metrics)
             if self.schedule.ends_epoch(step):
