@@ -1,19 +1,21 @@
 """20 steps of the Flax twin on 1 device and on 2 (JaxTwin's mesh over XLA's forced host
 devices) from the same weights on the same global batches, in float64 and float32: writes
 the final states, flattened by path, to OUT.npz, and prints each run's loss terms per step
-and the error a global batch of 15 gets on 2 devices, as JSON.
+and the error a global batch of 15 gets on 2 devices, as JSON; then trains 2 steps through
+the shared loop on every device, into the folder `run` beside OUT.npz.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/jax_devices_run.py OUT.npz
 
 A script, not a test: the device count is fixed when JAX starts, so tests/test_jax_devices.py
 runs it in a process of its own."""
 import json
+import os
 import sys
 
 import jax
 import numpy as np
 
-from vqvae_common import data
+from vqvae_common import data, loop
 from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_jax.train import JaxTwin
@@ -53,6 +55,15 @@ def main(out: str) -> None:
     except UserError as e:
         refused = str(e)
     print(json.dumps({"losses": losses, "batch 15 refused": refused}))
+    train_on_two_devices(os.path.join(os.path.dirname(out), "run"))
+
+
+def train_on_two_devices(out: str) -> None:
+    """A whole run of the trainer's loop on random images: by default on every device."""
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), np.uint8)
+    loop.data.load = lambda name, split, data_dir=None: images
+    loop.fit(JaxTwin, MODEL, TrainConfig(device="cpu", batch_size=BATCH, max_steps=2,
+                                         codebook_init="uniform", out=out))
 
 
 if __name__ == "__main__":

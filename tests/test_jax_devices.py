@@ -34,7 +34,8 @@ def runs(child_env, tmp_path_factory):
                           env={**child_env, "XLA_FLAGS": TWO_DEVICES}, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout), dict(np.load(out))
+    return (json.loads(done.stdout.splitlines()[0]), dict(np.load(out)), done.stderr,
+            out.parent / "run")
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,7 +57,7 @@ def test_two_devices_give_the_one_device_loss_terms_at_every_step(runs, dtype):
 
 
 def test_two_devices_end_with_the_one_device_state_in_float64(runs):
-    _, arrays = runs
+    arrays = runs[1]
     keys = [k[len("float64/1/"):] for k in arrays if k.startswith("float64/1/")]
     assert any("ema_sums" in k for k in keys) and any("usage" in k for k in keys)
     worst = {"state": 0.0, "running means": 0.0}
@@ -71,17 +72,10 @@ def test_two_devices_end_with_the_one_device_state_in_float64(runs):
     print(f"float64 final state, worst relative difference: {worst}")
 
 
-def test_a_two_device_run_says_so_and_records_it(child_env, tmp_path):
-    out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "mock_train.py"), "jax", "--hidden", "16",
-         "--num-codes", "32", "--batch-size", "32", "--max-steps", "2", "--eval-images", "64",
-         "--codebook-init", "uniform", "--out", str(out)],
-        env={**child_env, "XLA_FLAGS": TWO_DEVICES}, cwd=ROOT, capture_output=True, text=True,
-        timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "devices: 2 x cpu, global batch 32" in done.stderr
-    recorded = json.loads((out / "config.json").read_text())
+def test_a_two_device_run_says_so_and_records_it(runs):
+    stderr, run = runs[2], runs[3]
+    assert "devices: 2 x cpu, global batch 16" in stderr
+    recorded = json.loads((run / "config.json").read_text())
     assert (recorded["num_devices"], recorded["device_kind"]) == (2, "cpu")
 
 
