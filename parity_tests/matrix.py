@@ -56,7 +56,8 @@ def run(name: str, pytest_args: list[str], report: Path) -> dict:
     return {"setting": name, "env": SETTINGS[name], "exit": done.returncode,
             "summary": re.sub(r"=+", "", summary).strip(),
             "wall_s": round(time.perf_counter() - start, 1), "worst": worst,
-            "failures": [line for line in done.stdout.splitlines() if line.startswith("FAILED")]}
+            "failures": [line for line in done.stdout.splitlines()
+                         if line.startswith(("FAILED", "ERROR"))]}
 
 
 def worst(report: dict[str, float], pattern: str) -> float:
