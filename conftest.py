@@ -13,3 +13,19 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+# The modules that take longest (pytest --durations, this machine), started first: pytest-xdist
+# hands out modules in collection order, and one that starts last becomes the suite's tail.
+# Only the order changes; a module not listed keeps its place after these.
+SLOWEST_FIRST = ("tests/test_reliability.py", "parity_tests/test_training.py",
+                 "tests/test_jax_devices.py", "tests/test_train_cli.py",
+                 "parity_tests/test_data_parallel.py", "parity_tests/test_gradients.py",
+                 "parity_tests/test_forward.py", "parity_tests/test_codebook_learning.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return SLOWEST_FIRST.index(path) if path in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order

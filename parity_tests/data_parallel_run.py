@@ -79,13 +79,17 @@ def torch_run(given: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     twin.model.quantizer.register_forward_hook(
         lambda module, args, out: indices.append(out.indices.cpu().numpy()))
     losses = [twin.fetch(twin.train_step(given["batches"][number])) for number in range(STEPS)]
+    dist_rank = dist.get_rank()
     shares: list[list[np.ndarray] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, indices)
-    if dist.get_rank() != 0:
-        return None
     every_step = np.stack([np.concatenate(step) for step in zip(*shares)])  # rank order
-    return {**stacked(losses), **{f"state/{k}": v for k, v in torch_state(twin.model).items()},
-            "indices": every_step}
+    result = {**stacked(losses), "indices": every_step,
+              **{f"state/{k}": v for k, v in torch_state(twin.model).items()}}
+    # both leave together: a process that exits while the other still holds the group's
+    # connections was seen to abort in gloo ("terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
+    return result if dist_rank == 0 else None
 
 
 def weights(given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
