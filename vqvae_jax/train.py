@@ -171,7 +171,9 @@ class JaxTwin:
     def from_checkpoint(cls, path: str, device: str = "auto") -> "JaxTwin":
         """The model saved in `path` (any Flax checkpoint of this project, converted ones
         included), ready to evaluate."""
-        twin = cls(checkpoint.read_record(path).model_config, TrainConfig(device=device))
+        # one device: evaluation needs no data parallelism, nor a batch that splits over many
+        twin = cls(checkpoint.read_record(path).model_config,
+                   TrainConfig(device=device, num_devices=1))
         _, state = checkpoint.load(path, twin.config, twin.state)
         twin.state = jax.device_put(state, twin.replicated)
         return twin
