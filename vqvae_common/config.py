@@ -145,6 +145,14 @@ class TrainConfig:
                                   (0, 10_000))
 
 
+def check_global_batch(batch_size: int, parts: int, what: str) -> None:
+    """A UserError unless the global --batch-size splits evenly over `parts` devices or
+    processes (`what`), as data-parallel training needs in both twins."""
+    if batch_size % parts:
+        raise UserError(f"--batch-size {batch_size} does not split evenly over {parts} {what}: "
+                        f"choose a multiple of {parts}")
+
+
 def model_config(raw: Any) -> ModelConfig:
     """The ModelConfig a checkpoint recorded; a UserError if it is not one of this project's."""
     try:

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint
 from vqvae_jax.model import VQVAE
@@ -144,9 +144,7 @@ class JaxTwin:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
         devices = select_devices(train_cfg.device, train_cfg.num_devices)
-        if train_cfg.batch_size % len(devices):
-            raise UserError(f"--batch-size {train_cfg.batch_size} does not split evenly over "
-                            f"{len(devices)} devices: choose a multiple of {len(devices)}")
+        check_global_batch(train_cfg.batch_size, len(devices), "devices")
         self.device = devices[0]
         self.num_devices, self.device_kind = len(devices), self.device.device_kind
         mesh = Mesh(np.array(devices), ("data",))

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vqvae_common.config import check_global_batch
 from vqvae_common.errors import UserError
 
 # How long a collective waits for the other processes before it fails. It must cover what the
@@ -84,9 +85,7 @@ def join(batch_size: int, num_devices: int | None, device: torch.device) -> tupl
                         f"torchrun started: drop the flag or make them equal")
     if processes == 1:
         return 0, 1
-    if batch_size % processes:
-        raise UserError(f"--batch-size {batch_size} (the global batch) does not split evenly "
-                        f"over {processes} processes: choose a multiple of {processes}")
+    check_global_batch(batch_size, processes, "processes")
     if not dist.is_initialized():
         device = local_device(device)  # NCCL binds each process to its GPU first
         backend = "nccl" if device.type == "cuda" else "gloo"
