@@ -35,13 +35,15 @@ LR = {"float64": 1e-3, "float32": 3e-4}  # the small float64 model needs the lar
 #                                         learn measurably in 50 steps (recon -32%, not -22%)
 
 
-@pytest.mark.parametrize("preset,batch,dtype,fast_cpu", [
-    ("mnist", 16, "float64", None), ("mnist", 16, "float32", None),
-    ("cifar10", 8, "float64", None), ("cifar10", 8, "float32", None),
-    ("cifar10", 8, "float64", False)],  # fast_cpu False: plain XLA ops, as on GPUs
+@pytest.mark.parametrize("preset,batch,dtype,fast_cpu,schedule", [
+    ("mnist", 16, "float64", None, "constant"), ("mnist", 16, "float32", None, "constant"),
+    ("cifar10", 8, "float64", None, "constant"), ("cifar10", 8, "float32", None, "constant"),
+    ("cifar10", 8, "float64", False, "constant"),  # fast_cpu False: plain XLA ops, as on GPUs
+    ("mnist", 16, "float64", None, "cosine")],  # each twin's rate from step 0 to 0 at step 50
     ids=["mnist-float64", "mnist-float32", "cifar10-float64", "cifar10-float32",
-         "cifar10-float64-plain-xla"])
-def test_fifty_adam_steps_match(preset, batch, dtype, fast_cpu, device, check, measure, note):
+         "cifar10-float64-plain-xla", "mnist-float64-cosine"])
+def test_fifty_adam_steps_match(preset, batch, dtype, fast_cpu, schedule, device, check,
+                                measure, note):
     exact = dtype == "float64"
     preset_width = not exact and preset == "cifar10"
     with jax.enable_x64(exact):
@@ -50,7 +52,7 @@ def test_fifty_adam_steps_match(preset, batch, dtype, fast_cpu, device, check, m
         train = smooth_dataset(preset, STEPS * batch)
         batches = [arrange(b.astype(dtype)) for b in data.batches(train, batch, seed=0, epoch=0)]
         assert len(batches) == STEPS
-        t_history, f_history, flax_model = pair.train(batches, LR[dtype])
+        t_history, f_history, flax_model = pair.train(batches, LR[dtype], schedule)
         pair.audit.verify(note, drift_from_step=None if exact else 1)
         f_w = flax_state(flax_model)
     for history in (t_history, f_history):

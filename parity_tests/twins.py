@@ -11,13 +11,12 @@ import copy
 
 import jax
 import numpy as np
-import optax
 import torch
 from flax import nnx
 
 from parity_tests.ties import Audit, follow, follow_relus, torch_relu_inputs
 from vqvae_common import layout
-from vqvae_common.config import ModelConfig
+from vqvae_common.config import ModelConfig, learning_rate
 from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax import model as jax_model
 from vqvae_jax import train as jax_train
@@ -77,15 +76,17 @@ class Pair:
             f = flax_grads(self.flax, fx)
         return t, f
 
-    def train(self, batches: list[np.ndarray], lr: float
+    def train(self, batches: list[np.ndarray], lr: float, schedule: str = "constant"
               ) -> tuple[list[dict[str, float]], list[dict[str, float]], jax_model.VQVAE]:
-        """Adam steps of each twin's own train step: (torch losses per step, flax losses per
-        step, the trained Flax copy). The PyTorch model trains in place. The jitted Flax
+        """Adam steps of each twin's own train step, the rate following --lr-schedule
+        `schedule` over the batches: (torch losses per step, flax losses per step, the
+        trained Flax copy). The PyTorch model trains in place. The jitted Flax
         step follows PyTorch's code indices but not its ReLU sides: a kink tie needs float32
         rounding, and the float64 trajectory is the one held to a tight bound."""
-        t_history, references = train_torch(self.torch, batches, lr, self.torch_device)
+        t_history, references = train_torch(self.torch, batches, lr, self.torch_device,
+                                            schedule)
         trained, f_history = train_flax(self.flax, batches, references, lr, self.jax_device,
-                                        self.audit)
+                                        self.audit, schedule)
         return t_history, f_history, trained
 
 
@@ -158,15 +159,18 @@ def torch_state_params(model: jax_model.VQVAE) -> list[str]:
 
 
 def train_torch(model: torch_model.VQVAE, batches: list[np.ndarray], lr: float,
-                device: torch.device) -> tuple[list[dict[str, float]], list[np.ndarray]]:
-    """vqvae_torch.train's step, in place on `model`: each step's loss terms and code
-    indices."""
+                device: torch.device, schedule: str = "constant"
+                ) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+    """vqvae_torch.train's step, in place on `model`, at the rates of `schedule` over the
+    batches: each step's loss terms and code indices."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history, indices = [], []
     hook = model.quantizer.register_forward_hook(
         lambda module, args, out: indices.append(out.indices.cpu().numpy()))
     try:
-        for batch in batches:
+        for step, batch in enumerate(batches):
+            torch_train.set_learning_rate(
+                optimizer, float(learning_rate(step, lr, schedule, len(batches))))
             losses = torch_train.train_step(model, optimizer, to_tensor(batch, device))
             history.append({k: v.item() for k, v in losses.items()})
     finally:
@@ -175,13 +179,15 @@ def train_torch(model: torch_model.VQVAE, batches: list[np.ndarray], lr: float,
 
 
 def train_flax(model: jax_model.VQVAE, batches: list[np.ndarray], references: list[np.ndarray],
-               lr: float, device: jax.Device, audit: Audit
+               lr: float, device: jax.Device, audit: Audit, schedule: str = "constant"
                ) -> tuple[jax_model.VQVAE, list[dict[str, float]]]:
-    """vqvae_jax.train's jitted step from `model`'s weights, step i following the code
-    indices references[i]: the trained copy, and each step's loss terms."""
+    """vqvae_jax.train's jitted step from `model`'s weights, at the rates of `schedule` over
+    the batches, step i following the code indices references[i]: the trained copy, and
+    each step's loss terms."""
     model = nnx.clone(model)
     model.train()
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)))
+    optimizer = nnx.Optimizer(model, jax_train.adam(lr, schedule, len(batches)), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
     state = jax.device_put(state, device)  # committed, as the step's outputs: else step 2
     #                                        compiles the step again (1.8 s)
 

@@ -227,7 +227,8 @@ class FakeTwin:
     nan_at: int | None = None
     signal_at: int | None = None
 
-    def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> None:
+    def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig,
+                 total_steps: int | None = None) -> None:
         self.step, self.config = 0, model_cfg
 
     @staticmethod

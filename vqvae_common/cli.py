@@ -115,8 +115,8 @@ def parse(framework: str, argv: Sequence[str] | None = None
 
 # What a prior's run takes from TrainConfig: not the VQ-VAE's codebook start
 PRIOR_TRAIN_FLAGS = ("dataset", "data_dir", "epochs", "max_steps", "batch_size",
-                     "eval_images", "eval_batch_size", "lr", "seed", "out", "device", "resume",
-                     "log_every", "checkpoint_every")
+                     "eval_images", "eval_batch_size", "lr", "lr_schedule", "seed", "out",
+                     "device", "resume", "log_every", "checkpoint_every")
 
 
 def build_prior_parser(framework: str) -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 from vqvae_common.errors import UserError
 
 # The quantizer computes its (N, K) distances in blocks of at most this many entries (64 MiB
@@ -115,7 +117,12 @@ class TrainConfig:
                                          "runs do (default: the whole test split)", (1, 10**9))
     eval_batch_size: int = flag(500, "test images per forward pass when evaluating: it sets "
                                      "the memory used, not the results", (1, 65_536))
-    lr: float = flag(3e-4, "Adam learning rate", (1e-8, 1.0))
+    lr: float = flag(3e-4, "Adam learning rate (of the first step, under --lr-schedule cosine)",
+                     (1e-8, 1.0))
+    lr_schedule: str = flag(
+        "constant", "how the learning rate moves over the run's steps: constant, or cosine "
+                    "(from --lr down to 0 at the last step of --epochs or --max-steps)",
+        choices=("constant", "cosine"))
     seed: int = flag(0, "random seed of the initial weights and of the data order",
                      (0, 2**32 - 1))
     out: str = flag("runs/latest", "output directory")
@@ -143,6 +150,24 @@ class TrainConfig:
                                     "outputs --codebook-init kmeans clusters", (1, 1_000_000))
     kmeans_iterations: int = flag(10, "Lloyd iterations of --codebook-init kmeans",
                                   (0, 10_000))
+
+
+def learning_rate(step: Any, lr: float, schedule: str, total_steps: int | None,
+                  xp: Any = np) -> Any:
+    """Adam's learning rate at optimizer step `step` (0 for a run's first) of `total_steps`,
+    for both twins: `xp` is numpy for PyTorch's eager steps and jax.numpy inside the jitted
+    Flax step, which traces the same formula. With T = total_steps:
+
+        constant   lr
+        cosine     lr (1 + cos(pi min(step, T) / T)) / 2      lr at step 0, 0 from step T on
+
+    (SGDR's cosine, Loshchilov & Hutter 2017, without restarts). T None, as when a twin is
+    built only to evaluate, keeps the rate at lr. T comes from the run's --epochs and
+    --max-steps, so resuming with other ones bends the rest of the curve.
+    """
+    if schedule == "constant" or total_steps is None:
+        return lr
+    return lr * 0.5 * (1 + xp.cos(xp.pi * xp.minimum(step, total_steps) / total_steps))
 
 
 def check_global_batch(batch_size: int, parts: int, what: str) -> None:

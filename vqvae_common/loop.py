@@ -61,7 +61,10 @@ class Twin(Protocol):
         """(this process's index, the number of processes): joins the framework's
         multi-process runtime first when the run has several processes."""
 
-    def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig) -> None: ...
+    def __init__(self, model_cfg: cfg.ModelConfig, train_cfg: cfg.TrainConfig,
+                 total_steps: int | None = None) -> None:
+        """total_steps: the run's optimizer steps, over which --lr-schedule moves the rate
+        (vqvae_common.config.learning_rate); None when the twin will not train."""
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto") -> Twin:
@@ -230,7 +233,7 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
             _check_resume(make_twin, ckpt, train_cfg, out)
             train, test = task.load("train"), task.load("test")
             schedule = Schedule.of(len(train), train_cfg)
-            twin = make_twin(model_cfg, train_cfg)
+            twin = make_twin(model_cfg, train_cfg, total_steps=schedule.total)
             devices = _devices(twin)
             if main:
                 print(f"devices: {devices['num_devices']} x {devices['device_kind']}, "

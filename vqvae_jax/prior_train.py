@@ -12,7 +12,6 @@ import functools
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from vqvae_common import prior as common
@@ -22,12 +21,13 @@ from vqvae_common.errors import UserError
 from vqvae_common.prior import PriorConfig
 from vqvae_jax import checkpoint
 from vqvae_jax.prior import PixelCNN, nll, sample
-from vqvae_jax.train import JaxTwin, select_device
+from vqvae_jax.train import JaxTwin, adam, select_device
 
 
-def create(config: PriorConfig, lr: float, seed: int) -> tuple[PixelCNN, nnx.Optimizer]:
+def create(config: PriorConfig, lr: float, seed: int, schedule: str = "constant",
+           total_steps: int | None = None) -> tuple[PixelCNN, nnx.Optimizer]:
     model = PixelCNN(config, rngs=nnx.Rngs(seed))
-    return model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, adam(lr, schedule, total_steps), wrt=nnx.Param)
 
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, codes: jax.Array, labels: jax.Array
@@ -66,12 +66,14 @@ class JaxPriorTwin:
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
-    def __init__(self, prior_cfg: PriorConfig, train_cfg: TrainConfig) -> None:
+    def __init__(self, prior_cfg: PriorConfig, train_cfg: TrainConfig,
+                 total_steps: int | None = None) -> None:
         self.device = select_device(train_cfg.device)
         self.vqvae = JaxTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
         self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset)
         with jax.default_device(self.device):
-            self.graphdef, state = nnx.split(create(self.config, train_cfg.lr, train_cfg.seed))
+            self.graphdef, state = nnx.split(create(self.config, train_cfg.lr, train_cfg.seed,
+                                                    train_cfg.lr_schedule, total_steps))
         self.state = jax.device_put(state, self.device)
         self._train_step = jax.jit(functools.partial(train_step, self.graphdef),
                                    donate_argnums=0)

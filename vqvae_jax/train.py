@@ -20,6 +20,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -28,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch
+from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch, learning_rate
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint
 from vqvae_jax.model import VQVAE
@@ -57,10 +58,21 @@ def select_devices(name: str, count: int | None) -> list[jax.Device]:
     return devices[:count]
 
 
-def create(model_cfg: ModelConfig, lr: float, seed: int, fast_cpu: bool | None = None
+def adam(lr: float, schedule: str = "constant", total_steps: int | None = None
+         ) -> optax.GradientTransformation:
+    """Adam at vqvae_common.config.learning_rate's rate, traced from optax's step count. A
+    constant rate stays a plain float, so that its optimizer state (and so its checkpoints)
+    has no step count of the schedule's."""
+    if schedule == "constant" or total_steps is None:
+        return optax.adam(lr)
+    return optax.adam(lambda step: learning_rate(step, lr, schedule, total_steps, jnp))
+
+
+def create(model_cfg: ModelConfig, lr: float, seed: int, fast_cpu: bool | None = None,
+           schedule: str = "constant", total_steps: int | None = None
            ) -> tuple[VQVAE, nnx.Optimizer]:
     model = VQVAE(model_cfg, fast_cpu=fast_cpu, rngs=nnx.Rngs(seed))
-    return model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+    return model, nnx.Optimizer(model, adam(lr, schedule, total_steps), wrt=nnx.Param)
 
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array
@@ -142,7 +154,9 @@ class JaxTwin:
                                        process_id=index and int(index))
         return jax.process_index(), jax.process_count()
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 total_steps: int | None = None) -> None:
+        """total_steps: the run's optimizer steps, over which --lr-schedule moves the rate."""
         devices = select_devices(train_cfg.device, train_cfg.num_devices)
         check_global_batch(train_cfg.batch_size, len(devices), "devices")
         self.device = devices[0]
@@ -153,7 +167,8 @@ class JaxTwin:
         self.config = model_cfg
         with jax.default_device(self.device):
             self.graphdef, state = nnx.split(create(
-                model_cfg, train_cfg.lr, train_cfg.seed, fast_cpu=self.device.platform == "cpu"))
+                model_cfg, train_cfg.lr, train_cfg.seed, fast_cpu=self.device.platform == "cpu",
+                schedule=train_cfg.lr_schedule, total_steps=total_steps))
         # committed to the devices, like the step's outputs: an uncommitted first state
         # compiled the step a second time at step 2 (4.8 s on a 2-core CPU)
         self.state = jax.device_put(state, self.replicated)

@@ -4,17 +4,19 @@ vqvae_jax/prior_train.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
 
 from vqvae_common import prior as common
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import TrainConfig
+from vqvae_common.config import TrainConfig, learning_rate
 from vqvae_common.prior import PriorConfig
 from vqvae_torch import checkpoint
 from vqvae_torch.prior import PixelCNN, nll, sample
-from vqvae_torch.train import TorchTwin, deterministic, select_device, to_numpy
+from vqvae_torch.train import (TorchTwin, deterministic, select_device, set_learning_rate,
+                               to_numpy)
 
 
 def train_step(model: PixelCNN, optimizer: torch.optim.Optimizer, codes: torch.Tensor,
@@ -36,7 +38,8 @@ class TorchPriorTwin:
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
-    def __init__(self, prior_cfg: PriorConfig, train_cfg: TrainConfig) -> None:
+    def __init__(self, prior_cfg: PriorConfig, train_cfg: TrainConfig,
+                 total_steps: int | None = None) -> None:
         self.device = select_device(train_cfg.device)
         deterministic()
         self.vqvae = TorchTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
@@ -44,6 +47,10 @@ class TorchPriorTwin:
         torch.manual_seed(train_cfg.seed)
         self.model = PixelCNN(self.config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        self.learning_rate = functools.partial(  # of step s, counted from 0
+            learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
+            total_steps=total_steps)
+        self.step = 0  # steps taken, counted from the checkpoint resumed
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", vqvae: str | None = None
@@ -66,6 +73,8 @@ class TorchPriorTwin:
         return self.vqvae.evaluate(images)[1].astype(np.int32)
 
     def train_step(self, batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+        set_learning_rate(self.optimizer, float(self.learning_rate(self.step)))
+        self.step += 1
         return train_step(self.model, self.optimizer, *self._put(batch))
 
     def fetch(self, step_metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -100,4 +109,5 @@ class TorchPriorTwin:
         record.check_resumable(path)
         checkpoint.load_weights(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = record.step
         return record.step

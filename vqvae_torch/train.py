@@ -3,13 +3,14 @@ and the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_jax/tr
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import numpy as np
 import torch
 
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import ModelConfig, TrainConfig
+from vqvae_common.config import ModelConfig, TrainConfig, learning_rate
 from vqvae_common.errors import UserError
 from vqvae_torch import checkpoint, distributed
 from vqvae_torch.model import VQVAE
@@ -44,6 +45,12 @@ def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 def to_numpy(x: torch.Tensor) -> np.ndarray:
     """NCHW tensor -> NHWC numpy."""
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The rate of Adam's next step (vqvae_common.config.learning_rate's, step by step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_step(model: VQVAE, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
@@ -81,13 +88,18 @@ class TorchTwin:
         return distributed.join(train_cfg.batch_size, train_cfg.num_devices,
                                 select_device(train_cfg.device))
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 total_steps: int | None = None) -> None:
+        """total_steps: the run's optimizer steps, over which --lr-schedule moves the rate."""
         self.device = distributed.local_device(select_device(train_cfg.device))
         deterministic()
         torch.manual_seed(train_cfg.seed)
         self.config = model_cfg
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        self.learning_rate = functools.partial(  # of step s, counted from 0
+            learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
+            total_steps=total_steps)
         self.num_devices = distributed.world_size()
         self.device_kind = ("cpu" if self.device.type == "cpu"
                             else torch.cuda.get_device_name(self.device))
@@ -116,6 +128,7 @@ class TorchTwin:
             self.model.quantizer.initialize_kmeans(z_e, seed, iterations)
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        set_learning_rate(self.optimizer, float(self.learning_rate(self.step)))
         self.step += 1
         if self.num_devices == 1:
             return train_step(self.model, self.optimizer, to_tensor(batch, self.device))
