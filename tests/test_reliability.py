@@ -382,3 +382,13 @@ def test_an_unwritable_output_directory_is_one_clear_error(tmp_path):
         target = str(tmp_path / "ro" / "run")
     with pytest.raises(UserError, match="output directory"):
         loop.prepare_out_dir(target)
+
+
+def test_resume_with_another_lr_schedule_is_refused_and_keeps_the_run(fake_data, tmp_path):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, log_every=4)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    before = layout(tmp_path)
+    again = dataclasses.replace(train_cfg, resume=True, epochs=2, lr_schedule="cosine")
+    with pytest.raises(UserError, match="trained with --lr-schedule constant; resume it"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), again)
+    assert layout(tmp_path) == before
