@@ -1,5 +1,7 @@
 """What only the jitted Flax twin can get wrong: its step compiling more than once, and its
-k steps in one lax.scan differing from k single steps."""
+k steps in one lax.scan differing from k single steps; and its CPU compiler options."""
+import re
+
 import jax
 import numpy as np
 from flax import nnx
@@ -20,6 +22,20 @@ def test_the_train_step_compiles_once():
     for _ in range(3):
         twin.fetch(twin.train_step(batch))
     assert twin._train_step._cache_size() == 1
+
+
+def test_the_cpu_step_leaves_convolutions_to_xla_and_dots_to_ynnpack():
+    """vqvae_jax.xla_cpu.COMPILER_OPTIONS reach the compiled CPU step: its convolutions are
+    XLA's own (measured faster than YNNPACK's here), its dots still YNNPACK fusions."""
+    twin = JaxTwin(ModelConfig(in_channels=1, hidden=8, num_codes=16), TrainConfig(device="cpu"))
+    batch = np.zeros((8, 28, 28, 1), np.float32)
+    hlo = twin._train_step.lower(twin.state, twin._put(batch)).compile().as_text()
+    fusions = re.findall(r"calls=(%[\w.\-]+), [^\n]*__ynn_fusion", hlo)
+    bodies = [re.search(re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", hlo, re.S).group(1)
+              for name in fusions]
+    assert any(" dot(" in body for body in bodies)
+    assert not any(" convolution(" in body for body in bodies)
+    assert " convolution(" in hlo
 
 
 

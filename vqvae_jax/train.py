@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch, learning_rate
 from vqvae_common.errors import UserError
-from vqvae_jax import checkpoint
+from vqvae_jax import checkpoint, xla_cpu
 from vqvae_jax.model import VQVAE
 
 
@@ -172,13 +172,14 @@ class JaxTwin:
         # committed to the devices, like the step's outputs: an uncommitted first state
         # compiled the step a second time at step 2 (4.8 s on a 2-core CPU)
         self.state = jax.device_put(state, self.replicated)
-        self._train_step = jax.jit(functools.partial(train_step, self.graphdef), donate_argnums=0)
+        jit = functools.partial(jax.jit, compiler_options=(
+            xla_cpu.COMPILER_OPTIONS if self.device.platform == "cpu" else None))
+        self._train_step = jit(functools.partial(train_step, self.graphdef), donate_argnums=0)
         self.steps_per_call = train_cfg.steps_per_call
-        self._train_steps = jax.jit(functools.partial(train_steps, self.graphdef),
-                                    donate_argnums=0)
-        self._eval_forward = jax.jit(functools.partial(eval_forward, self.graphdef))
-        self._encode = jax.jit(functools.partial(encode, self.graphdef))
-        self._decode = jax.jit(functools.partial(decode, self.graphdef))
+        self._train_steps = jit(functools.partial(train_steps, self.graphdef), donate_argnums=0)
+        self._eval_forward = jit(functools.partial(eval_forward, self.graphdef))
+        self._encode = jit(functools.partial(encode, self.graphdef))
+        self._decode = jit(functools.partial(decode, self.graphdef))
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto") -> "JaxTwin":

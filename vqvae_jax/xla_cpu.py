@@ -17,11 +17,43 @@ fast time, over the layers of each kind:
     conv_transpose     2.5-22x           3.8-35x
     whole train step   3.6x              6.5x
 
+Two settings of XLA:CPU itself, found by XLA's own per-op profile of the MNIST step
+(jax.profiler with --xla_cpu_enable_xprof_traceme, joined to --xla_dump_to's optimized HLO;
+2-core CPU shared with two nice-19 trainings, summed over XLA's threads per step): the
+convolutions took 139 of 200 ms, all of them YNNPACK fusions (jax 0.10.2's default fusion
+types are DOT, INDIVIDUAL_CONVOLUTION and REDUCE); 4x4/2 convs and kernel gradients ran at
+100-150 GFLOP/s; and simple elementwise fusions over a 6 MiB activation took 2-7 ms each,
+with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afresh per call.
+
+- COMPILER_OPTIONS: YNNPACK keeps the dots and reductions, XLA's own (Eigen) convolutions
+  take the convolutions. Per op (contended, interleaved, MNIST shapes), YNNPACK / Eigen:
+  3x3 kernel gradient 5.5 / 2.7 ms, 3x3 input gradient 3.6 / 2.2 ms, 4x4/2 forward 16.3 /
+  8.7 ms, 4x4/2 kernel gradient 12.1 / 10.1 ms; YNNPACK's matmul is the faster one, so the
+  DOT type stays. Whole step, trainings paused, bench/train_step.py: MNIST 116.2 ->
+  99.3 ms; contended CIFAR-10 1104 -> 914 ms. Passed per jit (JaxTwin, on a CPU only).
+- keep_freed_host_memory: glibc keeps the freed temporary buffer for the next call. MNIST
+  step, trainings paused: 99.3 -> 85.1 ms (0 page faults); it also speeds PyTorch's eager
+  step in the same process, 81.2 -> 71.3 ms.
+
+Tried and not kept (same measurements): im2col + one YNNPACK matmul for the 3x3 conv
+(5.5 ms against 4.5 for the conv) and its kernel gradient (7.4-8.2 against 5.7 ms), and for
+the 4x4/2 conv (23.4 against 12.8 ms; kernel gradient 36.9 against 11.6 ms): building the
+patches costs more than the matmul saves. The 4x4/2 forward as a 2x2 conv over
+space-to-depth blocks or as four stride-1 phase convs: within 10% of XLA's strided conv.
+YNNPACK's ELTWISE fusion type: slower (207 against 191 ms). XNNPACK and oneDNN fusion types:
+no op was taken by them in this jaxlib. xla_cpu_prefer_vector_width=512 and the
+concurrency-optimized scheduler: within 1%. The argmin of the code search as a min plus the
+first index of the minimum (5.6 -> 2.4 ms alone; step 85.1 -> 82.4 ms): not kept, as the
+parity suite replaces vqvae_jax.model.nearest_codes by two-argument doubles, which a
+CPU-only variant of it would bypass.
+
 Layouts are the model's: activations NHWC, kernels HWIO.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +194,32 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
     if plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1:
         return strided_conv(x, w)
     return jax.lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
+
+
+# YNNPACK takes XLA:CPU's dots and reductions (its default) but not its convolutions
+# (see the module docstring): jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU.
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc's malloc keep and reuse freed memory instead of handing it back to the
+    kernel: one arena, no mmap below 1 GiB, no trimming. Returns whether it took effect.
+
+    XLA:CPU allocates an executable's temporary buffer (110 MiB for the MNIST step) anew at
+    every call; above glibc's mmap threshold, and in a thread's arena whose heaps stop at
+    64 MiB, each call mmaps fresh pages and faults all of them in (27,000 minor faults a
+    step). Must run before JAX creates its CPU client: the client's threads keep the arena
+    they first malloc'd from. Only glibc; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
