@@ -36,7 +36,7 @@ import quantizer  # bench/quantizer.py, beside this script
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vqvae_common import data
+from vqvae_common import data, host_memory
 from vqvae_common.config import DATASETS, TrainConfig
 from vqvae_jax.train import JaxTwin
 from vqvae_torch.train import TorchTwin, to_tensor
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run under a minute")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    host_memory.keep_freed_memory()  # as the trainers do, before either framework allocates
     if args.quick:
         args.steps, args.windows, args.compile = 1, 1, False
 

@@ -19,7 +19,7 @@ import typing
 from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
-from vqvae_common import prior
+from vqvae_common import host_memory, prior
 from vqvae_common.errors import UserError
 from vqvae_common.stop_signals import Stopped
 
@@ -176,7 +176,9 @@ def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], objec
          fit_prior: Callable[[prior.PriorConfig, cfg.TrainConfig], object] | None = None
          ) -> int:
     """A trainer's entry point: parse the flags, then `fit` (`fit_prior` after the `prior`
-    subcommand), reporting user errors."""
+    subcommand), reporting user errors. The process keeps the memory its steps free
+    (host_memory), set here, before either framework allocates."""
+    host_memory.keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if fit_prior is not None and argv[:1] == ["prior"]:
         return report_errors(lambda: fit_prior(*parse_prior(framework, argv[1:])))

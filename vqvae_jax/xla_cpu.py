@@ -31,9 +31,9 @@ with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afres
   8.7 ms, 4x4/2 kernel gradient 12.1 / 10.1 ms; YNNPACK's matmul is the faster one, so the
   DOT type stays. Whole step, trainings paused, bench/train_step.py: MNIST 116.2 ->
   99.3 ms; contended CIFAR-10 1104 -> 914 ms. Passed per jit (JaxTwin, on a CPU only).
-- keep_freed_host_memory: glibc keeps the freed temporary buffer for the next call. MNIST
-  step, trainings paused: 99.3 -> 85.1 ms (0 page faults); it also speeds PyTorch's eager
-  step in the same process, 81.2 -> 71.3 ms.
+- The page faults: vqvae_common.host_memory.keep_freed_memory, which the entry points call
+  before JAX starts, has glibc keep the freed temporary buffer for the next call. MNIST
+  step, trainings paused: 99.3 -> 85.1 ms (0 page faults).
 
 Tried and not kept (same measurements): im2col + one YNNPACK matmul for the 3x3 conv
 (5.5 ms against 4.5 for the conv) and its kernel gradient (7.4-8.2 against 5.7 ms), and for
@@ -51,9 +51,7 @@ Layouts are the model's: activations NHWC, kernels HWIO.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -200,26 +198,3 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
 # (see the module docstring): jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
-def keep_freed_host_memory() -> bool:
-    """Make glibc's malloc keep and reuse freed memory instead of handing it back to the
-    kernel: one arena, no mmap below 1 GiB, no trimming. Returns whether it took effect.
-
-    XLA:CPU allocates an executable's temporary buffer (110 MiB for the MNIST step) anew at
-    every call; above glibc's mmap threshold, and in a thread's arena whose heaps stop at
-    64 MiB, each call mmaps fresh pages and faults all of them in (27,000 minor faults a
-    step). Must run before JAX creates its CPU client: the client's threads keep the arena
-    they first malloc'd from. Only glibc; elsewhere a no-op.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
