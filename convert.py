@@ -39,8 +39,10 @@ def torch_to_flax(source: str, out: str) -> None:
 
 
 def flax_to_torch(source: str, out: str) -> None:
-    config = jax_checkpoint.read_record(source).model_config
-    flax_model, optimizer = jax_train.create(config, lr=1e-3, seed=0)
+    source_record = jax_checkpoint.read_record(source)
+    config = source_record.model_config
+    flax_model, optimizer = jax_train.create(config, lr=1e-3, seed=0,
+                                             schedule=source_record.lr_schedule)
     record, state = jax_checkpoint.load(source, config, nnx.state((flax_model, optimizer)))
     nnx.update((flax_model, optimizer), state)
     model = torch_model.VQVAE(config)

@@ -23,10 +23,13 @@ def test_json_round_trip_keeps_every_field():
     assert config.from_json(config.to_json(model, train)) == (model, train)
 
 
-def test_defaults_are_the_mnist_preset_with_beta_one():
+def test_defaults_are_the_mnist_preset_and_the_tuned_recipe():
     model, train = cli.parse("torch", [])
     assert model == config.DATASETS["mnist"].preset
-    assert (model.in_channels, model.hidden, model.num_codes, model.beta) == (1, 128, 512, 1.0)
+    assert (model.in_channels, model.hidden, model.num_codes, model.beta) == (1, 128, 512, 0.25)
+    assert (model.codebook_update, train.codebook_init, model.restart_below) == (
+        "ema", "kmeans", 0.01)
+    assert (train.lr, train.lr_schedule) == (2e-3, "cosine")
     assert train == config.TrainConfig()
 
 

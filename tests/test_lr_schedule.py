@@ -10,6 +10,7 @@ from flax import nnx
 
 from vqvae_common import layout
 from vqvae_common.config import ModelConfig, TrainConfig, learning_rate
+from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax.train import JaxTwin
 from vqvae_torch import checkpoint as torch_checkpoint
@@ -56,3 +57,33 @@ def test_a_twin_steps_at_the_schedule_rate(make_twin):
         moved[schedule] = [not np.array_equal(a, b) for a, b in zip(kernels, kernels[1:])]
     assert moved["cosine"] == [True, True, False]
     assert moved["constant"] == [True, True, True]
+
+
+def test_a_flax_checkpoint_of_a_cosine_run_evaluates_and_converts(tmp_path):
+    """optax keeps a step count for a schedule, so a cosine run's optimizer state has another
+    shape than a constant one's: reading it back for evaluation or conversion (where the
+    flags are not known) takes the shape from the checkpoint's record."""
+    import convert
+
+    config = ModelConfig(in_channels=1, hidden=8, num_codes=16)
+    twin = JaxTwin(config, TrainConfig(device="cpu", lr_schedule="cosine"), total_steps=4)
+    batch = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype(np.float32)
+    twin.fetch(twin.train_step(batch))
+    path = str(tmp_path / "checkpoint")
+    twin.save(path, 1)
+    loaded = JaxTwin.from_checkpoint(path, device="cpu")
+    np.testing.assert_array_equal(encoder_kernel(loaded), encoder_kernel(twin))
+    assert convert.main(["--from-jax", path, "--out", str(tmp_path / "model.pt")]) == 0
+    back = TorchTwin.from_checkpoint(str(tmp_path / "model.pt"), device="cpu")
+    np.testing.assert_allclose(encoder_kernel(back), encoder_kernel(twin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make_twin,name", [(TorchTwin, "checkpoint.pt"),
+                                            (JaxTwin, "checkpoint")], ids=["torch", "jax"])
+def test_resuming_with_another_schedule_is_one_line(make_twin, name, tmp_path):
+    config = ModelConfig(in_channels=1, hidden=8, num_codes=16)
+    path = str(tmp_path / name)
+    make_twin(config, TrainConfig(device="cpu", lr_schedule="constant")).save(path, 0)
+    cosine = make_twin(config, TrainConfig(device="cpu", lr_schedule="cosine"), total_steps=9)
+    with pytest.raises(UserError, match="trained with --lr-schedule constant; resume it"):
+        cosine.load(path)

@@ -2,8 +2,11 @@
 one is read back, the same for both twins' formats and for converted checkpoints.
 
 The record is a flat JSON-able dict {"framework": "torch" | "jax", "kind": "vqvae" | "prior",
-"model_config": {...}, "step": int, "weights_only": bool}; a record without "kind" (written
-before priors existed) is a VQ-VAE's. A weights-only checkpoint holds the model (weights,
+"model_config": {...}, "step": int, "weights_only": bool, "lr_schedule": "constant" |
+"cosine"}; a record without "kind" (written before priors existed) is a VQ-VAE's, one
+without "lr_schedule" a constant rate's. The schedule shapes a Flax optimizer state (optax
+keeps a step count for a schedule), so a Flax checkpoint is read back into a state built
+with the schedule its record names. A weights-only checkpoint holds the model (weights,
 BatchNorm statistics, code usage) but no optimizer state: it can be evaluated, never resumed.
 """
 from __future__ import annotations
@@ -26,11 +29,13 @@ class CheckpointRecord:
     step: int
     weights_only: bool = False
     kind: str = "vqvae"
+    lr_schedule: str = "constant"  # the optimizer's --lr-schedule
 
     def to_dict(self) -> dict[str, Any]:
         return {"framework": self.framework, "kind": self.kind,
                 "model_config": dataclasses.asdict(self.model_config),
-                "step": self.step, "weights_only": self.weights_only}
+                "step": self.step, "weights_only": self.weights_only,
+                "lr_schedule": self.lr_schedule}
 
     def check_config(self, config: ModelConfig | PriorConfig, path: str) -> None:
         """Refuse a checkpoint of another model config (trained with other flags)."""
@@ -39,10 +44,16 @@ class CheckpointRecord:
                             f"{dataclasses.asdict(self.model_config)}, "
                             f"not {dataclasses.asdict(config)}")
 
-    def check_resumable(self, path: str) -> None:
+    def check_resumable(self, path: str, lr_schedule: str) -> None:
+        """Refuse to resume a weights-only checkpoint, or one trained with another
+        --lr-schedule (a run whose rate jumps from one curve to another is no run of either,
+        and a Flax optimizer state has a shape per schedule)."""
         if self.weights_only:
             raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
                             f"evaluated but not resumed")
+        if self.lr_schedule != lr_schedule:
+            raise UserError(f"--lr-schedule {lr_schedule}: {path} was trained with "
+                            f"--lr-schedule {self.lr_schedule}; resume it with that one")
 
 
 def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool,
@@ -60,7 +71,8 @@ def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool,
                             f"{KINDS[kind][0]}")
         return CheckpointRecord(framework, KINDS[kind][1](raw["model_config"]),
                                 int(raw["step"]),
-                                bool(raw.get("weights_only")) or not holds_optimizer, kind)
+                                bool(raw.get("weights_only")) or not holds_optimizer, kind,
+                                raw.get("lr_schedule", "constant"))
     found = declared if declared in FRAMEWORK_NAMES and declared != framework else "foreign"
     raise UserError(f"{path} is a {found} checkpoint, not a {FRAMEWORK_NAMES[framework]} "
                     f"checkpoint of this project; convert it first (python convert.py)")

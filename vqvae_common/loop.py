@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import sys
@@ -439,18 +438,4 @@ def _check_resume(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
-    if train_cfg.resume:
-        _check_same_schedule(train_cfg, out)
 
-
-def _check_same_schedule(train_cfg: cfg.TrainConfig, out: str) -> None:
-    """A resumed run keeps its --lr-schedule: the Flax optimizer's state has a shape per
-    schedule, and a run whose rate jumped from one curve to another is no run of either."""
-    try:  # a VQ-VAE's or a prior's config.json; one from before the flag: constant
-        with open(os.path.join(out, "config.json")) as f:
-            trained = json.load(f)["train"].get("lr_schedule", "constant")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent or not ours
-        return
-    if trained != train_cfg.lr_schedule:
-        raise UserError(f"--lr-schedule {train_cfg.lr_schedule}: the run in {out} trained with "
-                        f"--lr-schedule {trained}; resume it with that one")

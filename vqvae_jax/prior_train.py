@@ -71,6 +71,7 @@ class JaxPriorTwin:
         self.device = select_device(train_cfg.device)
         self.vqvae = JaxTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
         self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset)
+        self.lr_schedule = train_cfg.lr_schedule
         with jax.default_device(self.device):
             self.graphdef, state = nnx.split(create(self.config, train_cfg.lr, train_cfg.seed,
                                                     train_cfg.lr_schedule, total_steps))
@@ -86,9 +87,11 @@ class JaxPriorTwin:
                         ) -> "JaxPriorTwin":
         """The prior saved in `path`, over the VQ-VAE it records (or `vqvae`), ready to
         sample."""
-        recorded = checkpoint.read_record(path, kind="prior").model_config
+        record = checkpoint.read_record(path, kind="prior")
+        recorded = record.model_config
         config = dataclasses.replace(recorded, vqvae=vqvae or recorded.vqvae)
-        twin = cls(config, TrainConfig(device=device, dataset=config.dataset))
+        twin = cls(config, TrainConfig(device=device, dataset=config.dataset,
+                                       lr_schedule=record.lr_schedule))
         _, state = checkpoint.load(path, recorded, twin.state, kind="prior")
         twin.state = jax.device_put(state, twin.device)
         return twin
@@ -121,11 +124,12 @@ class JaxPriorTwin:
                                                             self.device)))
 
     def save(self, path: str, step: int) -> None:
-        record = CheckpointRecord("jax", self.config, step, kind="prior")
+        record = CheckpointRecord("jax", self.config, step, kind="prior",
+                                  lr_schedule=self.lr_schedule)
         checkpoint.save(path, step, self.state, record.to_dict())
 
     def load(self, path: str) -> int:
+        checkpoint.read_record(path, kind="prior").check_resumable(path, self.lr_schedule)
         record, state = checkpoint.load(path, self.config, self.state, kind="prior")
-        record.check_resumable(path)
         self.state = jax.device_put(state, self.device)
         return record.step

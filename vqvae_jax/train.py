@@ -61,9 +61,10 @@ def select_devices(name: str, count: int | None) -> list[jax.Device]:
 def adam(lr: float, schedule: str = "constant", total_steps: int | None = None
          ) -> optax.GradientTransformation:
     """Adam at vqvae_common.config.learning_rate's rate, traced from optax's step count. A
-    constant rate stays a plain float, so that its optimizer state (and so its checkpoints)
-    has no step count of the schedule's."""
-    if schedule == "constant" or total_steps is None:
+    constant rate stays a plain float, so that its optimizer state (and so its checkpoints,
+    those from before the flag included) has no step count of the schedule's; the state's
+    shape depends on `schedule` alone (total_steps None: the rate stays lr)."""
+    if schedule == "constant":
         return optax.adam(lr)
     return optax.adam(lambda step: learning_rate(step, lr, schedule, total_steps, jnp))
 
@@ -164,7 +165,7 @@ class JaxTwin:
         mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))  # along the batch axis
-        self.config = model_cfg
+        self.config, self.lr_schedule = model_cfg, train_cfg.lr_schedule
         with jax.default_device(self.device):
             self.graphdef, state = nnx.split(create(
                 model_cfg, train_cfg.lr, train_cfg.seed, fast_cpu=self.device.platform == "cpu",
@@ -186,8 +187,9 @@ class JaxTwin:
         """The model saved in `path` (any Flax checkpoint of this project, converted ones
         included), ready to evaluate."""
         # one device: evaluation needs no data parallelism, nor a batch that splits over many
-        twin = cls(checkpoint.read_record(path).model_config,
-                   TrainConfig(device=device, num_devices=1))
+        record = checkpoint.read_record(path)
+        twin = cls(record.model_config,
+                   TrainConfig(device=device, num_devices=1, lr_schedule=record.lr_schedule))
         _, state = checkpoint.load(path, twin.config, twin.state)
         twin.state = jax.device_put(state, twin.replicated)
         return twin
@@ -242,11 +244,12 @@ class JaxTwin:
         return to_host(self._decode(self.state, self._put(latents)))
 
     def save(self, path: str, step: int) -> None:
-        record = CheckpointRecord("jax", self.config, step)
+        record = CheckpointRecord("jax", self.config, step, lr_schedule=self.lr_schedule)
         checkpoint.save(path, step, self.state, record.to_dict())
 
     def load(self, path: str) -> int:
+        checkpoint.read_record(path).check_resumable(path, self.lr_schedule)  # before the
+        #   restore, which a state of another shape would fail less clearly
         record, state = checkpoint.load(path, self.config, self.state)
-        record.check_resumable(path)
         self.state = jax.device_put(state, self.replicated)
         return record.step

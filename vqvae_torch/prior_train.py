@@ -47,6 +47,7 @@ class TorchPriorTwin:
         torch.manual_seed(train_cfg.seed)
         self.model = PixelCNN(self.config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        self.lr_schedule = train_cfg.lr_schedule
         self.learning_rate = functools.partial(  # of step s, counted from 0
             learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
             total_steps=total_steps)
@@ -100,13 +101,14 @@ class TorchPriorTwin:
         return to_numpy(vqvae.decoder(z_q))
 
     def save(self, path: str, step: int) -> None:
-        record = CheckpointRecord("torch", self.config, step, kind="prior")
+        record = CheckpointRecord("torch", self.config, step, kind="prior",
+                                  lr_schedule=self.lr_schedule)
         checkpoint.save(path, {**record.to_dict(), "model": self.model.state_dict(),
                                "optimizer": self.optimizer.state_dict()})
 
     def load(self, path: str) -> int:
         record, payload = checkpoint.load(path, self.device, self.config, kind="prior")
-        record.check_resumable(path)
+        record.check_resumable(path, self.lr_schedule)
         checkpoint.load_weights(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = record.step

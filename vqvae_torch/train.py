@@ -97,6 +97,7 @@ class TorchTwin:
         self.config = model_cfg
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        self.lr_schedule = train_cfg.lr_schedule
         self.learning_rate = functools.partial(  # of step s, counted from 0
             learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
             total_steps=total_steps)
@@ -168,14 +169,14 @@ class TorchTwin:
 
     def save(self, path: str, step: int) -> None:
         if distributed.rank() == 0:
-            record = CheckpointRecord("torch", self.config, step)
+            record = CheckpointRecord("torch", self.config, step, lr_schedule=self.lr_schedule)
             checkpoint.save(path, {**record.to_dict(), "model": self.model.state_dict(),
                                    "optimizer": self.optimizer.state_dict()})
         self.last_checkpoint = (path, step)
 
     def load(self, path: str) -> int:
         record, payload = checkpoint.load(path, self.device, self.config)
-        record.check_resumable(path)
+        record.check_resumable(path, self.lr_schedule)
         checkpoint.load_weights(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = record.step
