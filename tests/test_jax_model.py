@@ -283,3 +283,33 @@ def test_quantizer_distances_use_highest_precision(block, monkeypatch):
         assert precision is not None, "a distance matmul runs at the backend's default precision"
         operands = precision if isinstance(precision, tuple) else (precision,)
         assert all(p == jax.lax.Precision.HIGHEST for p in operands), precision
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_first_argmin_is_argmin_with_ties_infinities_and_nans(jit):
+    """nearest_codes' argmin (vqvae_jax.model.first_argmin, the faster formulation of
+    jnp.argmin on XLA's CPU backend) gives jnp.argmin's indices: the first of tied minima,
+    the first NaN of a row that has one, 0 for a row all +inf."""
+    rng = np.random.default_rng(0)
+    d = rng.integers(0, 6, (300, 37)).astype(np.float32)  # many exact ties
+    d[5, 3], d[6, :] = np.nan, np.inf
+    d[7, [2, 9]], d[8, :] = np.nan, np.nan
+    d[9, 4], d[10, 30] = -np.inf, -np.inf
+    d[11, :] = 0
+    argmin = jax.jit(jax_model.first_argmin) if jit else jax_model.first_argmin
+    got, want = np.asarray(argmin(jnp.asarray(d))), np.asarray(jnp.argmin(jnp.asarray(d), 1))
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == want.dtype
+    assert (got[[5, 6, 7, 8, 9, 10, 11]] == [3, 0, 2, 0, 4, 30, 0]).all()
+
+
+def test_nearest_codes_blocks_equal_one_block(monkeypatch):
+    rng = np.random.default_rng(1)
+    flat = jnp.asarray(rng.standard_normal((50, 4)), jnp.float32)
+    codebook = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+    one = np.asarray(jax_model.nearest_codes(flat, codebook))
+    monkeypatch.setattr(config, "DISTANCE_BLOCK", 16 * 7)  # 7 rows a block
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax_model.nearest_codes)(flat, codebook)),
+                                  one)
+    d = ((np.asarray(flat)[:, None] - np.asarray(codebook)[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(one, d.argmin(1))

@@ -42,10 +42,23 @@ patches costs more than the matmul saves. The 4x4/2 forward as a 2x2 conv over
 space-to-depth blocks or as four stride-1 phase convs: within 10% of XLA's strided conv.
 YNNPACK's ELTWISE fusion type: slower (207 against 191 ms). XNNPACK and oneDNN fusion types:
 no op was taken by them in this jaxlib. xla_cpu_prefer_vector_width=512 and the
-concurrency-optimized scheduler: within 1%. The argmin of the code search as a min plus the
-first index of the minimum (5.6 -> 2.4 ms alone; step 85.1 -> 82.4 ms): not kept, as the
-parity suite replaces vqvae_jax.model.nearest_codes by two-argument doubles, which a
-CPU-only variant of it would bypass.
+concurrency-optimized scheduler: within 1%.
+
+The code search's argmin is now a min plus the first index of the minimum on every backend
+(vqvae_jax.model.first_argmin, inside nearest_codes, so the parity suite's substitution of
+nearest_codes still works): 8.5 -> 2.8 ms alone at MNIST's shape. Whole MNIST step,
+trainings paused, interleaved in one process: one core (taskset -c 0) 126.9 -> 121.8 ms,
+two cores 76.2 -> 72.5 ms.
+
+Threads. At one thread (taskset -c 0, trainings paused, 7 interleaved windows of 5 steps)
+the Flax step matches PyTorch eager: MNIST 121.8 against 120.4 ms (1.01), CIFAR-10 589.6
+against 585.3 ms (1.01). At two threads bench/train_step.py gives 1.17 and 1.05 (same
+window), so what remains of the gap is how the two use the second core: PyTorch's eager
+step goes 120 -> 70 ms from one to two threads, XLA's 122 -> 82. Per jit on two cores,
+against the current options (MNIST step, paused, interleaved): xla_cpu_scheduler_type
+CONCURRENCY_OPTIMIZED 72.4 against 72.5 ms, xla_cpu_multi_thread_eigen=false 72.6 ms: no
+help, not kept. xla_cpu_use_thunk_runtime is not a compile option of this jaxlib. XLA's
+thread pool is sized from the process's CPU affinity; jax 0.10.2 has no other knob for it.
 
 Layouts are the model's: activations NHWC, kernels HWIO.
 """
