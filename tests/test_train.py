@@ -155,3 +155,34 @@ def test_weights_only_checkpoint_cannot_be_resumed(twin, tmp_path):
     twin.save_weights_only(twin.make(), path, 3)
     with pytest.raises(UserError, match="weights only"):
         twin.make().load(path)
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_init_weights_takes_the_model_and_leaves_the_optimizer_fresh(twin, tmp_path, batch,
+                                                                     weights_only):
+    path = str(tmp_path / twin.Twin.checkpoint_name)
+    a = twin.make(seed=0)
+    for _ in range(2):
+        a.train_step(batch)
+    twin.save_weights_only(a, path, 2) if weights_only else a.save(path, 2)
+
+    b = twin.make(seed=1)
+    b.init_weights(path)
+    assert_same_arrays(twin.model_arrays(a), twin.model_arrays(b))
+    assert_same_arrays(twin.optimizer_arrays(twin.make(seed=1)), twin.optimizer_arrays(b))
+
+
+def test_init_weights_refuses_another_config(twin, tmp_path):
+    path = str(tmp_path / twin.Twin.checkpoint_name)
+    twin.make().save(path, 1)
+    other = twin.make(model=ModelConfig(in_channels=1, hidden=8, num_codes=32))
+    with pytest.raises(UserError, match="config"):
+        other.init_weights(path)
+
+
+def test_init_weights_from_the_other_twins_checkpoint_says_to_convert(twin, tmp_path):
+    other = ADAPTERS[twin.other]
+    path = str(tmp_path / other.Twin.checkpoint_name)
+    other.make().save(path, 1)
+    with pytest.raises(UserError, match="convert.py"):
+        twin.make().init_weights(path)

@@ -5,9 +5,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from twin_adapters import ADAPTERS
 from vqvae_common import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,3 +110,37 @@ def test_short_training_run_writes_every_artifact(short_runs, framework):
     assert Image.open(out / "reconstruction.png").format == "PNG"
     gif = Image.open(out / "interpolation.gif")
     assert gif.format == "GIF" and gif.n_frames > 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_init_from_starts_a_new_run_from_the_model(trainer, short_runs, tmp_path, real_data_dir,
+                                                   framework):
+    """At a rate too small to move the weights, one step from a trained model keeps its
+    kernels, and its codebook but for one EMA update: no k-means start replaced it."""
+    _, trained = short_runs[framework]
+    out = tmp_path / "fine-tune"
+    run = trainer(framework, "--init-from", str(trained / CHECKPOINT[framework]), "--lr", "1e-8",
+                  "--max-steps", "1", "--batch-size", "16", "--eval-images", "100", "--out",
+                  str(out), data_dir=real_data_dir("mnist"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "k-means" not in run.stderr
+
+    twin = ADAPTERS[framework]
+    models = [twin.model_of(twin.Twin.from_checkpoint(str(run_dir / CHECKPOINT[framework]), "cpu"))
+              for run_dir in (trained, out)]
+    np.testing.assert_allclose(twin.encoder_kernel(models[1]), twin.encoder_kernel(models[0]),
+                               atol=1e-6)
+    codebooks = [twin.codebook(model.quantizer) for model in models]
+    assert np.linalg.norm(codebooks[1] - codebooks[0]) < 0.05 * np.linalg.norm(codebooks[0])
+    model_cfg, train_cfg = config.from_json((out / "config.json").read_text())
+    assert train_cfg.init_from == str(trained / CHECKPOINT[framework])
+    assert _checkpoint_step(framework, out / CHECKPOINT[framework], model_cfg) == 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_init_from_with_resume_exits_2(trainer, tmp_path, framework):
+    run = trainer(framework, "--resume", "--init-from", "elsewhere", "--out",
+                  str(tmp_path / "run"), timeout=60)
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1 and "--init-from" in run.stderr
+    assert not (tmp_path / "run").exists()

@@ -404,7 +404,8 @@ class JaxAdapter:
 
     def save_weights_only(self, twin: JaxTwin, path: str, step: int) -> None:
         """Every Flax checkpoint holds an optimizer state: weights-only is the record's flag."""
-        jax_checkpoint.save(path, step, twin.state, record("jax", step, weights_only=True))
+        jax_checkpoint.save(path, step, twin.state, record("jax", step, weights_only=True,
+                                                           lr_schedule=twin.lr_schedule))
 
 
 ADAPTERS = {"torch": TorchAdapter(), "jax": JaxAdapter()}

@@ -112,6 +112,11 @@ class Twin(Protocol):
         """Restore model and optimizer state, refusing a checkpoint of another config or a
         weights-only one; returns the step it was saved at."""
 
+    def init_weights(self, path: str) -> None:
+        """--init-from: the model state (weights, BatchNorm statistics, codebook, its EMA
+        and usage averages) of this twin's checkpoint at `path`, weights-only ones
+        included, refusing another config; the optimizer state stays fresh."""
+
 
 def prepare_out_dir(out: str) -> None:
     try:
@@ -183,7 +188,8 @@ class Reconstruction:
     def start(self, twin: Twin, train: np.ndarray, test: np.ndarray, resume: bool
               ) -> tuple[np.ndarray, np.ndarray]:
         train_cfg = self.train_cfg
-        if not resume and train_cfg.codebook_init == "kmeans":
+        fresh = not resume and train_cfg.init_from is None
+        if fresh and train_cfg.codebook_init == "kmeans":
             first = data.first_images(train, train_cfg.kmeans_images, train_cfg.seed)
             print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
                   f"on the encoder outputs of {len(first)} training images", file=sys.stderr)
@@ -239,6 +245,8 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
                 print(f"devices: {devices['num_devices']} x {devices['device_kind']}, "
                       f"global batch {train_cfg.batch_size}", file=sys.stderr)
             step = twin.load(ckpt) if train_cfg.resume else 0
+            if train_cfg.init_from is not None:
+                twin.init_weights(train_cfg.init_from)
             train, test = task.start(twin, train, test, train_cfg.resume)
             if main:
                 if lock is None:
@@ -431,6 +439,9 @@ class _Run:
 def _check_resume(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                   out: str) -> None:
     """--resume needs a complete checkpoint, and a fresh run must not overwrite one."""
+    if train_cfg.resume and train_cfg.init_from is not None:
+        raise UserError("--resume continues the run in --out, --init-from starts a new one "
+                        "from another run's model: pass one of them")
     complete = make_twin.has_checkpoint(ckpt)
     if train_cfg.resume and not complete:
         raise UserError(f"--resume: {out} holds no complete checkpoint to resume from; run "

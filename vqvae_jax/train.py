@@ -253,3 +253,14 @@ class JaxTwin:
         record, state = checkpoint.load(path, self.config, self.state)
         self.state = jax.device_put(state, self.replicated)
         return record.step
+
+    def init_weights(self, path: str) -> None:
+        if os.path.isfile(path):
+            raise UserError(f"--init-from {path} is a PyTorch checkpoint file: convert it "
+                            f"with python convert.py --from-torch {path} --out DIR")
+        checkpoint.read_record(path).check_config(self.config, path)
+        source = type(self).from_checkpoint(path, self.device.platform)
+        model, optimizer = nnx.merge(self.graphdef, self.state)
+        checkpoint.import_arrays(model, checkpoint.export_arrays(
+            nnx.merge(source.graphdef, source.state)[0]))
+        self.state = jax.device_put(nnx.state((model, optimizer)), self.replicated)

@@ -182,3 +182,10 @@ class TorchTwin:
         self.step = record.step
         self.last_checkpoint = (path, record.step)
         return record.step
+
+    def init_weights(self, path: str) -> None:
+        if os.path.isdir(path):
+            raise UserError(f"--init-from {path} is a Flax checkpoint directory: convert it "
+                            f"with python convert.py --from-jax {path} --out FILE.pt")
+        _, payload = checkpoint.load(path, self.device, self.config)
+        checkpoint.load_weights(self.model, payload["model"], path)
