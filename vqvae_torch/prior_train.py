@@ -4,19 +4,18 @@ vqvae_jax/prior_train.py."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 import torch
 
 from vqvae_common import prior as common
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import TrainConfig, learning_rate
+from vqvae_common.config import TrainConfig
 from vqvae_common.prior import PriorConfig
 from vqvae_torch import checkpoint
 from vqvae_torch.prior import PixelCNN, nll, sample
-from vqvae_torch.train import (TorchTwin, deterministic, select_device, set_learning_rate,
-                               to_numpy)
+from vqvae_torch.train import (TorchTwin, deterministic, scheduled_rate, select_device,
+                               set_learning_rate, to_numpy)
 
 
 def train_step(model: PixelCNN, optimizer: torch.optim.Optimizer, codes: torch.Tensor,
@@ -48,9 +47,7 @@ class TorchPriorTwin:
         self.model = PixelCNN(self.config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
         self.lr_schedule = train_cfg.lr_schedule
-        self.learning_rate = functools.partial(  # of step s, counted from 0
-            learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
-            total_steps=total_steps)
+        self.learning_rate = scheduled_rate(train_cfg, total_steps)
         self.step = 0  # steps taken, counted from the checkpoint resumed
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,14 @@ def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 def to_numpy(x: torch.Tensor) -> np.ndarray:
     """NCHW tensor -> NHWC numpy."""
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def scheduled_rate(train_cfg: TrainConfig, total_steps: int | None
+                   ) -> Callable[[int], float]:
+    """Adam's rate of step s, counted from 0, over a run of total_steps: the twin of
+    vqvae_jax.train.adam's schedule (vqvae_common.config.learning_rate)."""
+    return functools.partial(learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
+                             total_steps=total_steps)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -98,9 +107,7 @@ class TorchTwin:
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
         self.lr_schedule = train_cfg.lr_schedule
-        self.learning_rate = functools.partial(  # of step s, counted from 0
-            learning_rate, lr=train_cfg.lr, schedule=train_cfg.lr_schedule,
-            total_steps=total_steps)
+        self.learning_rate = scheduled_rate(train_cfg, total_steps)
         self.num_devices = distributed.world_size()
         self.device_kind = ("cpu" if self.device.type == "cpu"
                             else torch.cuda.get_device_name(self.device))
