@@ -122,12 +122,13 @@ def test_save_load_round_trip(twin, tmp_path, batch):
     assert_same_training_state(twin, a, b)
 
 
-def test_load_refuses_another_config(twin, tmp_path):
+@pytest.mark.parametrize("method", ["load", "init_weights"])
+def test_load_and_init_weights_refuse_another_config(twin, tmp_path, method):
     path = str(tmp_path / twin.Twin.checkpoint_name)
     twin.make().save(path, 1)
     other = twin.make(model=ModelConfig(in_channels=1, hidden=8, num_codes=32))
     with pytest.raises(UserError, match="config"):
-        other.load(path)
+        getattr(other, method)(path)
 
 
 def test_load_refuses_the_other_twins_record(twin, tmp_path):
@@ -170,14 +171,6 @@ def test_init_weights_takes_the_model_and_leaves_the_optimizer_fresh(twin, tmp_p
     b.init_weights(path)
     assert_same_arrays(twin.model_arrays(a), twin.model_arrays(b))
     assert_same_arrays(twin.optimizer_arrays(twin.make(seed=1)), twin.optimizer_arrays(b))
-
-
-def test_init_weights_refuses_another_config(twin, tmp_path):
-    path = str(tmp_path / twin.Twin.checkpoint_name)
-    twin.make().save(path, 1)
-    other = twin.make(model=ModelConfig(in_channels=1, hidden=8, num_codes=32))
-    with pytest.raises(UserError, match="config"):
-        other.init_weights(path)
 
 
 def test_init_weights_from_the_other_twins_checkpoint_says_to_convert(twin, tmp_path):
