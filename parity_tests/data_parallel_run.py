@@ -68,6 +68,7 @@ def torch_run(given: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     import torch.distributed as dist
 
     from parity_tests.twins import torch_state
+    from vqvae_torch import distributed
     from vqvae_torch import train as torch_train
 
     torch_train.TorchTwin.join_processes(TRAIN)
@@ -85,10 +86,10 @@ def torch_run(given: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     every_step = np.stack([np.concatenate(step) for step in zip(*shares)])  # rank order
     result = {**stacked(losses), "indices": every_step,
               **{f"state/{k}": v for k, v in torch_state(twin.model).items()}}
-    # both leave together: a process that exits while the other still holds the group's
-    # connections was seen to abort in gloo ("terminate called without an active exception")
+    # both leave together, and with the DDP wrapper freed (distributed.leave)
     dist.barrier()
-    dist.destroy_process_group()
+    del twin
+    distributed.leave()
     return result if dist_rank == 0 else None
 
 
