@@ -1,0 +1,86 @@
+"""Where one twin's CPU train step spends its CPU time, by Linux perf's sampling profiler.
+
+    python bench/profile_step.py --twin flax|torch [--dataset mnist|cifar10] [--seconds 6]
+
+Runs the twin's train step in this process (fixed batch of 64, after a warm-up that also
+compiles), attaches `perf record` to the process for --seconds while it steps, and prints the
+share of the samples in each shared object and the top symbols, with the step time of the
+profiled window. oneDNN names its JIT-compiled kernels for perf (DNNL_JIT_PROFILE=2, set here
+before either framework loads oneDNN); other JIT code (XLA's fused kernels) shows as
+addresses. Needs `perf` on PATH and permission to profile one's own processes. A measurement,
+never a test: run one twin at a time, with nothing else running.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("DNNL_JIT_PROFILE", "2")  # perf map of oneDNN's JIT kernels
+
+import numpy as np  # noqa: E402
+
+from vqvae_common import host_memory  # noqa: E402
+from vqvae_common.config import DATASETS, TrainConfig  # noqa: E402
+
+
+def make_twin(name: str, dataset: str):
+    config = TrainConfig(device="cpu", batch_size=64)
+    if name == "flax":
+        from vqvae_jax.train import JaxTwin
+        return JaxTwin(DATASETS[dataset].preset, config)
+    from vqvae_torch.train import TorchTwin
+    return TorchTwin(DATASETS[dataset].preset, config)
+
+
+def perf_report(data: str, sort: str, top: int) -> list[str]:
+    out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", sort,
+                          "-g", "none", "--stdio"], capture_output=True, text=True).stdout
+    rows = [line.strip() for line in out.splitlines() if "%" in line and not line.startswith("#")]
+    return [row[:150] for row in rows[:top]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--twin", choices=("flax", "torch"), required=True)
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
+    parser.add_argument("--seconds", type=float, default=6.0, help="how long perf samples")
+    parser.add_argument("--top", type=int, default=15, help="symbols to print")
+    args = parser.parse_args()
+    host_memory.keep_freed_memory()
+    twin = make_twin(args.twin, args.dataset)
+    batch = np.random.default_rng(0).uniform(
+        -1, 1, (64, *DATASETS[args.dataset].image_shape)).astype(np.float32)
+    for _ in range(3):
+        twin.fetch(twin.train_step(batch))
+
+    steps, done = [0], threading.Event()
+
+    def step_until_done() -> None:
+        while not done.is_set():
+            twin.fetch(twin.train_step(batch))
+            steps[0] += 1
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "perf.data")
+        worker = threading.Thread(target=step_until_done)
+        start = time.perf_counter()
+        worker.start()
+        subprocess.run(["perf", "record", "-F", "999", "-g", "-p", str(os.getpid()), "-o", data,
+                        "--", "sleep", str(args.seconds)], check=True, capture_output=True)
+        done.set()
+        worker.join()
+        elapsed = time.perf_counter() - start
+        print(f"{args.twin} {args.dataset}: {steps[0]} steps, "
+              f"{elapsed / steps[0] * 1e3:.1f} ms/step while profiled")
+        print("share of samples by shared object:")
+        print("\n".join(perf_report(data, "dso", 8)))
+        print("top symbols:")
+        print("\n".join(perf_report(data, "dso,sym", args.top)))
+
+
+if __name__ == "__main__":
+    main()
