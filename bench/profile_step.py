@@ -16,7 +16,6 @@ import argparse
 import os
 import subprocess
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("DNNL_JIT_PROFILE", "2")  # perf map of oneDNN's JIT kernels
@@ -57,25 +56,20 @@ def main() -> None:
     for _ in range(3):
         twin.fetch(twin.train_step(batch))
 
-    steps, done = [0], threading.Event()
-
-    def step_until_done() -> None:
-        while not done.is_set():
-            twin.fetch(twin.train_step(batch))
-            steps[0] += 1
-
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "perf.data")
-        worker = threading.Thread(target=step_until_done)
-        start = time.perf_counter()
-        worker.start()
-        subprocess.run(["perf", "record", "-F", "999", "-g", "-p", str(os.getpid()), "-o", data,
-                        "--", "sleep", str(args.seconds)], check=True, capture_output=True)
-        done.set()
-        worker.join()
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(os.getpid()),
+                                 "-o", data, "--", "sleep", str(args.seconds)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        steps, start = 0, time.perf_counter()
+        while perf.poll() is None:  # the step runs in the main thread, as in the trainers
+            twin.fetch(twin.train_step(batch))
+            steps += 1
         elapsed = time.perf_counter() - start
-        print(f"{args.twin} {args.dataset}: {steps[0]} steps, "
-              f"{elapsed / steps[0] * 1e3:.1f} ms/step while profiled")
+        if perf.returncode:
+            raise SystemExit(f"perf record failed: {perf.stderr.read().decode().strip()}")
+        print(f"{args.twin} {args.dataset}: {steps} steps, "
+              f"{elapsed / steps * 1e3:.1f} ms/step while profiled")
         print("share of samples by shared object:")
         print("\n".join(perf_report(data, "dso", 8)))
         print("top symbols:")
