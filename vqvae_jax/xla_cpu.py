@@ -45,7 +45,13 @@ no op was taken by them in this jaxlib. xla_cpu_prefer_vector_width=512 and the
 concurrency-optimized scheduler: within 1%. On Zen 4 (whole MNIST step, interleaved):
 xla_cpu_use_onednn, xla_cpu_experimental_onednn_custom_call and the oneDNN convolution
 fusion type within 3%; YNNPACK for the reductions only 1.01x, for none 1.12x slower. The 3x3
-kernel gradient as nine shifted matmuls: 6.1 against XLA's 4.7 ms.
+kernel gradient as nine shifted matmuls: 6.1 against XLA's 4.7 ms. The strided conv's input
+gradient was a 2x2 conv over 2x2 pixel blocks (space-to-depth) until the phase convs of
+_strided_conv_transpose replaced it: alone at deconv1's shapes 10.2 -> 8.5 ms (MNIST) and
+53.1 -> 44.5 ms (CIFAR-10); whole train step, interleaved in one process, median of 9 / 7
+windows, 143.6 -> 139.3 ms and 690.2 -> 679.0 ms. The 4x4/2 kernel gradient by phases or by
+space-to-depth: 13.9 and 12.4 against XLA's 9.5 ms (MNIST), 62.7 and 57.6 against 46.8 ms
+(CIFAR-10).
 
 The code search's argmin is now a min plus the first index of the minimum on every backend
 (vqvae_jax.model.first_argmin, inside nearest_codes, so the parity suite's substitution of
@@ -71,7 +77,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PAD1 = ((1, 1), (1, 1))
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -118,30 +123,25 @@ def _xla_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
 
 
-# The strided conv's taps that reach output phase r (row 2m + r) of its transpose: kernel rows
-# for the input rows (m - 1 + r, m + r), and the padding that supplies the row off the edge.
-_PHASE_TAPS = {0: ((3, 1), (1, 0)), 1: ((2, 0), (0, 1))}
-
-
 def _strided_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
-    """C^T y for C(x) = conv4x4/2(x, w), pad 1: the strided conv's input gradient, x_shape
-    (B, 2h, 2w, I) from y (B, h, w, O), as four stride-1 2x2 convs, one per output phase.
+    """C^T y for C(x) = conv4x4/2(x, w) with padding 1: the strided conv's input gradient.
+    y (B, h, v, O), w (4, 4, I, O), x_shape = (B, 2h, 2v, I): even input sizes only.
 
-    In one dimension, C(x)[n] = sum_p x[2n + p - 1] w[p], so (C^T y)[2m] = y[m] w[1] +
-    y[m - 1] w[3] and (C^T y)[2m + 1] = y[m + 1] w[0] + y[m] w[2]: each phase (r, s) of the
-    output is a 2x2 conv of y with four of the kernel's taps, and the phases interleave.
-    The same sums, and no multiply-add wasted: the 2x2 conv over 2x2 pixel blocks that this
-    replaces computed 30% more. Alone, at MNIST's and CIFAR-10's deconv1 shapes, 10.2 -> 8.5
-    and 53.1 -> 44.5 ms; whole train step (2-core AMD EPYC Zen 4, interleaved in one process,
-    median of 9 / 7 windows) MNIST 143.6 -> 139.3 ms, CIFAR-10 690.2 -> 679.0 ms.
+    In one dimension, C(x)[n] = sum_p x[2n + p - 1] w[p], so with y[-1] = y[h] = 0
+
+        (C^T y)[2m]     = y[m - 1] w[3] + y[m] w[1]        (padding 1 before, 0 after)
+        (C^T y)[2m + 1] = y[m] w[2] + y[m + 1] w[0]        (padding 0 before, 1 after)
+
+    i.e. output phase r is a stride-1 2-tap conv of y with kernel taps w[3 - r], w[1 - r];
+    in 2-D, phase (r, s) is a 2x2 conv with w[3 - r::-2, 3 - s::-2], and the four phases
+    interleave. No multiply-add is spent on padding: the 2x2 conv over 2x2 pixel blocks
+    used before computes (h + 1)(v + 1) / (h v) as many (1.31x at 7x7, 1.27x at 8x8).
     """
-    b, h, wd, _ = y.shape
     w_t = w.transpose(0, 1, 3, 2)  # (4, 4, O, I): y's channels in, x's out
-    phases = [[jax.lax.conv_general_dilated(
-        y, w_t[np.array(rows)][:, np.array(cols)], (1, 1), (pad_rows, pad_cols),
-        dimension_numbers=NHWC)
-        for cols, pad_cols in _PHASE_TAPS.values()] for rows, pad_rows in _PHASE_TAPS.values()]
-    interleaved = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, h, 2, w, 2, I)
+    phases = [[jax.lax.conv_general_dilated(y, w_t[3 - r::-2, 3 - s::-2], (1, 1),
+                                            ((1 - r, r), (1 - s, s)), dimension_numbers=NHWC)
+               for s in (0, 1)] for r in (0, 1)]
+    interleaved = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, h, 2, v, 2, I)
     return interleaved.reshape(x_shape)
 
 
@@ -158,8 +158,8 @@ def strided_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     gradient.
 
     Autodiff of the plain strided conv is 1.22x slower on XLA's CPU backend at D = 256 and
-    1.04x at D = 128 (encoder.conv2), measured against the space-to-depth input gradient that
-    the phase convs have since beaten by 1.2x. At encoder.conv1, whose input gradient the train step
+    1.04x at D = 128 (encoder.conv2; measured with the input gradient as a space-to-depth
+    conv, before the phase convs). At encoder.conv1, whose input gradient the train step
     never takes, both run the same XLA ops.
     """
     return _xla_conv(x, w, (2, 2), PAD1)
@@ -207,7 +207,8 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
                          ) -> jax.Array:
     """jax.lax.conv_general_dilated as nnx.Conv calls it, with the model's two costly shapes
     on faster formulations: a 1x1 conv is a matmul (autodiff of the 1x1 conv is 1.7-1.9x
-    slower), a 4x4 stride-2 pad-1 conv is strided_conv."""
+    slower), a 4x4 stride-2 pad-1 conv over even sizes is strided_conv (its input gradient
+    takes even sizes; an odd-sized image runs the plain conv)."""
     plain = (kwargs.get("lhs_dilation") in (None, 1, (1, 1))
              and kwargs.get("rhs_dilation") in (None, 1, (1, 1))
              and kwargs.get("feature_group_count", 1) == 1)
@@ -215,7 +216,8 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
     if plain and w.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) \
             and padding == ((0, 0), (0, 0)):
         return x @ w[0, 0]
-    if plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1:
+    if (plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1
+            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
         return strided_conv(x, w)
     return jax.lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
 
