@@ -72,12 +72,16 @@ def flax_layer(module: nnx.Module, x: np.ndarray, cotangent: np.ndarray, first: 
                ) -> Callable[[], None]:
     graphdef, state = nnx.split(module)
 
-    def gradients(state, x, ct):  # of <layer(x), ct>: the backward pass from ct
+    def forward_and_backward(state, x, ct):
+        """The gradients of <layer(x), ct> and layer(x) itself: returned, so that XLA cannot
+        drop the forward pass of a linear layer, whose gradients do not need its output."""
+        def inner_product(layer, x):
+            y = layer(x)
+            return (y * ct).sum(), y
         layer = nnx.merge(graphdef, state)
-        return nnx.grad(lambda layer, x: (layer(x) * ct).sum(),
-                        argnums=0 if first else (0, 1))(layer, x)
+        return nnx.grad(inner_product, argnums=0 if first else (0, 1), has_aux=True)(layer, x)
 
-    step = jax.jit(gradients, compiler_options=xla_cpu.COMPILER_OPTIONS)
+    step = jax.jit(forward_and_backward, compiler_options=xla_cpu.COMPILER_OPTIONS)
     x, ct = jax.numpy.asarray(x), jax.numpy.asarray(cotangent)
     return lambda: jax.block_until_ready(step(state, x, ct))
 

@@ -46,10 +46,8 @@ concurrency-optimized scheduler: within 1%. On Zen 4 (whole MNIST step, interlea
 xla_cpu_use_onednn, xla_cpu_experimental_onednn_custom_call and the oneDNN convolution
 fusion type within 3%; YNNPACK for the reductions only 1.01x, for none 1.12x slower. The 3x3
 kernel gradient as nine shifted matmuls: 6.1 against XLA's 4.7 ms. The strided conv's input
-gradient was a 2x2 conv over 2x2 pixel blocks (space-to-depth) until the phase convs of
-_strided_conv_transpose replaced it: alone at deconv1's shapes 10.2 -> 8.5 ms (MNIST) and
-53.1 -> 44.5 ms (CIFAR-10); whole train step, interleaved in one process, median of 9 / 7
-windows, 143.6 -> 139.3 ms and 690.2 -> 679.0 ms. The 4x4/2 kernel gradient by phases or by
+gradient, a 2x2 conv over 2x2 pixel blocks (space-to-depth), now takes the phase convs
+where its result is wide (_strided_conv_transpose). The 4x4/2 kernel gradient by phases or by
 space-to-depth: 13.9 and 12.4 against XLA's 9.5 ms (MNIST), 62.7 and 57.6 against 46.8 ms
 (CIFAR-10).
 
@@ -123,26 +121,52 @@ def _xla_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
 
 
-def _strided_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
-    """C^T y for C(x) = conv4x4/2(x, w) with padding 1: the strided conv's input gradient.
-    y (B, h, v, O), w (4, 4, I, O), x_shape = (B, 2h, 2v, I): even input sizes only.
+def _block_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """conv4x4/2(x, w) with padding 1 as a 2x2 stride-1 conv over 2x2 pixel blocks: output m
+    takes padded rows 2m + p, p = 2a + r, i.e. block m + a, row r within it. Exact."""
+    b, h, wd, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    blocks = xp.reshape(b, h // 2 + 1, 2, wd // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    k = w.reshape(2, 2, 2, 2, c, w.shape[-1]).transpose(0, 2, 1, 3, 4, 5)  # (a, b, r, s, C, O)
+    return _xla_conv(blocks.reshape(b, h // 2 + 1, wd // 2 + 1, 4 * c),
+                     k.reshape(2, 2, 4 * c, w.shape[-1]), (1, 1), "VALID")
 
-    In one dimension, C(x)[n] = sum_p x[2n + p - 1] w[p], so with y[-1] = y[h] = 0
+
+def _phase_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+    """C^T y as four stride-1 2x2 convs, one per output phase. In one dimension,
+    C(x)[n] = sum_p x[2n + p - 1] w[p], so with y[-1] = y[h] = 0
 
         (C^T y)[2m]     = y[m - 1] w[3] + y[m] w[1]        (padding 1 before, 0 after)
         (C^T y)[2m + 1] = y[m] w[2] + y[m + 1] w[0]        (padding 0 before, 1 after)
 
-    i.e. output phase r is a stride-1 2-tap conv of y with kernel taps w[3 - r], w[1 - r];
-    in 2-D, phase (r, s) is a 2x2 conv with w[3 - r::-2, 3 - s::-2], and the four phases
-    interleave. No multiply-add is spent on padding: the 2x2 conv over 2x2 pixel blocks
-    used before computes (h + 1)(v + 1) / (h v) as many (1.31x at 7x7, 1.27x at 8x8).
+    i.e. output phase r is a 2-tap conv of y with taps w[3 - r], w[1 - r]; in 2-D, phase
+    (r, s) is a 2x2 conv with w[3 - r::-2, 3 - s::-2], and the four phases interleave.
     """
     w_t = w.transpose(0, 1, 3, 2)  # (4, 4, O, I): y's channels in, x's out
-    phases = [[jax.lax.conv_general_dilated(y, w_t[3 - r::-2, 3 - s::-2], (1, 1),
-                                            ((1 - r, r), (1 - s, s)), dimension_numbers=NHWC)
+    phases = [[_xla_conv(y, w_t[3 - r::-2, 3 - s::-2], (1, 1), ((1 - r, r), (1 - s, s)))
                for s in (0, 1)] for r in (0, 1)]
     interleaved = jnp.stack([jnp.stack(row, 3) for row in phases], 2)  # (B, h, 2, v, 2, I)
     return interleaved.reshape(x_shape)
+
+
+def _strided_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+    """C^T y for C(x) = conv4x4/2(x, w) with padding 1: the strided conv's input gradient.
+    y (B, h, v, O), w (4, 4, I, O), x_shape = (B, 2h, 2v, I): even input sizes only.
+
+    Two exact formulations, by the width I of the result:
+    - I >= O (the model's hidden layers): _phase_conv_transpose. The transpose of
+      _block_conv also spends multiply-adds on the padding, (h + 1)(v + 1) / (h v) as many
+      (1.31x at 7x7, 1.27x at 8x8): at decoder.deconv1's shapes the phases took 8.5 against
+      10.2 ms (MNIST) and 44.5 against 53.1 ms (CIFAR-10).
+    - I < O (decoder.deconv2, to the image's 1 or 3 channels): the transpose of
+      _block_conv, whose one conv has 4I output channels where each phase conv has I, too few
+      for its matmul to run well: 2.0 against 2.4 ms (MNIST), 6.2 against 27.3 ms (CIFAR-10).
+    """
+    if x_shape[-1] >= y.shape[-1]:
+        return _phase_conv_transpose(w, y, x_shape)
+    (x,) = jax.linear_transpose(lambda u: _block_conv(u, w),
+                                jax.ShapeDtypeStruct(x_shape, y.dtype))(y)
+    return x
 
 
 def _strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
@@ -154,7 +178,7 @@ def _strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.
 def strided_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     """Conv 4x4, stride 2, padding 1 (NHWC, HWIO). Its forward, input gradient and kernel
     gradient each run on XLA's fastest CPU formulation of the same linear map: XLA's strided
-    conv, four stride-1 phase convs (_strided_conv_transpose), and XLA's strided kernel
+    conv, _strided_conv_transpose (phase or block convs), and XLA's strided kernel
     gradient.
 
     Autodiff of the plain strided conv is 1.22x slower on XLA's CPU backend at D = 256 and
