@@ -17,6 +17,11 @@ fast time, over the layers of each kind:
     conv_transpose     2.5-22x           3.8-35x
     whole train step   3.6x              6.5x
 
+(The conv rows timed gradients alone, without the linear layers' forward, which XLA drops
+when only gradients are returned. With the forward kept, on Zen 4 after the phase convs of
+_strided_conv_transpose: strided_conv 1.02-1.05x and 1.00-1.17x, conv_transpose 1.00-13.1x
+and 2.9-26.6x.)
+
 Two settings of XLA:CPU itself, found by XLA's own per-op profile of the MNIST step
 (jax.profiler with --xla_cpu_enable_xprof_traceme, joined to --xla_dump_to's optimized HLO;
 2-core CPU shared with two nice-19 trainings, summed over XLA's threads per step): the
