@@ -108,9 +108,10 @@ def test_fast_batch_norm_backward_equals_autodiff_for_all_three_outputs():
         _assert_close_relative(np.asarray(got), np.asarray(want))
 
 
-# the model's three convolutions: k, s, p, (B, H, W, I, O); the 4x4/2 also over odd sizes,
-# which the fast path hands to the plain conv
+# the model's three convolutions: k, s, p, (B, H, W, I, O); the 4x4/2 and the 3x3 also over odd
+# sizes, which the fast path hands to the plain conv
 CONV_SHAPES = [(4, 2, 1, (2, 8, 6, 3, 5)), (4, 2, 1, (2, 7, 5, 3, 4)), (3, 1, 1, (2, 5, 4, 3, 4)),
+               (3, 1, 1, (2, 6, 4, 3, 4)),
                (1, 1, 0, (2, 3, 5, 6, 7))]
 
 

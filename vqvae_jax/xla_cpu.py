@@ -81,6 +81,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vqvae_jax import winograd
+
 PAD1 = ((1, 1), (1, 1))
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -245,9 +247,13 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
     if plain and w.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) \
             and padding == ((0, 0), (0, 0)):
         return x @ w[0, 0]
-    if (plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1
-            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
+    even = x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
+    if plain and w.shape[:2] == (4, 4) and tuple(window_strides) == (2, 2) and padding == PAD1 \
+            and even:
         return strided_conv(x, w)
+    if plain and w.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and padding == PAD1 \
+            and even:
+        return winograd.conv3x3(x, w)
     return jax.lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
 
 
