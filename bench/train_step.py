@@ -6,7 +6,8 @@
 (Run it as a script: it imports bench/quantizer.py from beside itself.)
 
 Variants, timed in interleaved windows (A, B, C, A, B, C, ...) after a warm-up; each window
-runs `--steps` optimizer steps and syncs once, as the trainers do between log points:
+runs `--steps` optimizer steps and syncs once, as the trainers do between log points, and
+each twin's windows follow an untimed window of its own (`measure`):
 
     torch_eager      vqvae_torch.train.TorchTwin.train_step
     torch_compile    the same step with the model under torch.compile (--compile; minutes to
@@ -72,18 +73,29 @@ def jax_flops(twin: JaxTwin, batch: np.ndarray, compiled: bool = True) -> float:
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
 
-def measure(steps: dict[str, Callable[[], None]], windows: int) -> dict[str, list[float]]:
+def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: int
+            ) -> dict[str, list[float]]:
+    """Seconds of each window of `per_window` steps. Before a twin's windows in each round,
+    one untimed window of its own, so that no timed window pays for the switch from the other
+    framework's, which a training run never makes: the first Flax window after PyTorch's
+    measured 5-13% slower than the next (both presets), the same two alone equal (MNIST 143.4
+    and 143.6 ms). Variants named "<twin>+..." belong to <twin>."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(windows):
-        for name, run_window in steps.items():
+        previous = None
+        for name, run_steps in steps.items():
+            twin = name.split("+")[0]
+            if twin != previous:
+                run_steps(per_window)
+                previous = twin
             start = time.perf_counter()
-            run_window()
+            run_steps(per_window)
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def window(twin, batches: Iterator[np.ndarray], steps: int) -> Callable[[], None]:
-    def run() -> None:
+def window(twin, batches: Iterator[np.ndarray]) -> Callable[[int], None]:
+    def run(steps: int) -> None:
         for _ in range(steps):
             out = twin.train_step(next(batches))
         twin.fetch(out)
@@ -132,10 +144,9 @@ def main() -> None:
 
     steps = {}
     for name, twin in twins.items():
-        steps[name] = window(twin, fixed_batches(batch), args.steps)
-        steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size),
-                                           args.steps)
-    times = measure(steps, args.windows)
+        steps[name] = window(twin, fixed_batches(batch))
+        steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size))
+    times = measure(steps, args.windows, args.steps)
 
     per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
     results = {"machine": f"{platform.processor() or platform.machine()}, "
