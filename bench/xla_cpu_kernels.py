@@ -4,6 +4,8 @@
     case            plain (vqvae_jax/model.py)            fast (vqvae_jax/xla_cpu.py)
     batch_norm      batch_norm, differentiated by JAX     batch_norm, closed-form backward
     strided_conv    lax.conv_general_dilated, 4x4/2       conv_general_dilated -> strided_conv
+    conv3x3         lax.conv_general_dilated, 3x3         conv_general_dilated -> Winograd
+                                                          (even sizes; odd: the plain conv)
     conv1x1         lax.conv_general_dilated, 1x1         conv_general_dilated -> matmul
     conv_transpose  conv_transpose (lax.conv_transpose)   conv_transpose, the adjoint
     train_step      the whole jitted Adam step of VQVAE(fast_cpu=False) and (fast_cpu=True)
@@ -49,6 +51,8 @@ def layer_cases(dataset: str, batch: int) -> list[tuple[str, str, Callable, Call
             "fast": lambda x, s, b: xla_cpu.batch_norm(x, s, b, 1e-5)[0]}
     strided = [conv(f, (2, 2), ((1, 1), (1, 1)))
                for f in (jax.lax.conv_general_dilated, xla_cpu.conv_general_dilated)]
+    same = [conv(f, (1, 1), ((1, 1), (1, 1)))
+            for f in (jax.lax.conv_general_dilated, xla_cpu.conv_general_dilated)]
     pointwise = [conv(f, (1, 1), ((0, 0), (0, 0)))
                  for f in (jax.lax.conv_general_dilated, xla_cpu.conv_general_dilated)]
     transposed = [model.conv_transpose, xla_cpu.conv_transpose]
@@ -57,6 +61,7 @@ def layer_cases(dataset: str, batch: int) -> list[tuple[str, str, Callable, Call
         ("batch_norm", "res*.bn*", norm["plain"], norm["fast"], [quarter, (d,), (d,)]),
         ("strided_conv", "encoder.conv1", *strided, [(batch, size, size, c), (4, 4, c, d)]),
         ("strided_conv", "encoder.conv2", *strided, [half, (4, 4, d, d)]),
+        ("conv3x3", "res*.conv1", *same, [quarter, (3, 3, d, d)]),
         ("conv1x1", "res*.conv2", *pointwise, [quarter, (1, 1, d, d)]),
         ("conv_transpose", "decoder.deconv1", *transposed, [quarter, (4, 4, d, d)]),
         ("conv_transpose", "decoder.deconv2", *transposed, [half, (4, 4, d, c)]),
