@@ -1,4 +1,4 @@
-"""Settings for every test process, set before any test module imports JAX or PyTorch.
+"""Settings for every test process, made before any test module imports JAX or PyTorch.
 
 pytest-xdist (`-n auto` in pyproject.toml) runs one process per core:
 - on a GPU, each JAX process would otherwise take 75% of the GPU's memory at its first
@@ -7,25 +7,38 @@ pytest-xdist (`-n auto` in pyproject.toml) runs one process per core:
   two cores made PyTorch wait a time slice at every op (`pytest -n 2`: 364 s with two
   threads each, 315 s with one; the CIFAR-10 float32 parity training 41.6 s against 24.8).
   An OMP_NUM_THREADS already set (parity_tests/matrix.py's) stands.
-- each starts XLA's CPU backend pinned to its share of the cores (Linux), from which XLA
-  sizes its thread pool and which that pool's threads keep; then the worker, and the
-  programs it starts, get every core back. Two workers' XLA pools of two threads each on
+- each starts JAX's backends pinned to its share of the cores (Linux), from which XLA sizes
+  its CPU thread pool and which that pool's threads keep; then the worker, and the programs
+  it starts, get every core back. (On a GPU machine this makes each worker's CUDA context
+  at its start, not at its first GPU test.) Two workers' XLA pools of two threads each on
   two cores took turns at each op (plain `pytest`, 2-core Zen 4: 355 s and 629 s of user
   CPU; with the whole worker pinned 315 s and 519 s; pinned for the pool only 315 s and
   538 s, and the real-data trainings the tests start in parallel keep both cores).
 """
 import os
 
+
+def _pin_xla_threads(workers: int) -> None:
+    """Starts JAX's backends with this worker's share of the cores as its affinity, which
+    XLA's CPU thread pool is sized from and keeps; then gives every core back."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+    if not hasattr(os, "sched_getaffinity") or not worker.isdigit():
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if share := len(cores) // workers:
+        index = int(worker) % workers  # a worker xdist starts in a crashed one's place: gw2...
+        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+        try:
+            import jax
+            jax.devices()
+        finally:
+            os.sched_setaffinity(0, cores)
+
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if share := len(cores) // int(workers):
-        index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
-        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
-        import jax
-        jax.devices()  # XLA's CPU thread pool: sized and pinned to this worker's cores
-        os.sched_setaffinity(0, cores)  # the rest of the worker and what it starts: all
+    _pin_xla_threads(int(workers))
 
 # The modules that take longest (pytest --durations, this machine), started first: pytest-xdist
 # hands out modules in collection order, and one that starts last becomes the suite's tail.

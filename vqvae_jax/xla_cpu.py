@@ -79,11 +79,12 @@ process (Zen 4): 72.7 -> 50.3 ms (forward alone 23.4 -> 14.8), at 64x8x8x128 19.
 whole CIFAR-10 step 695.4 -> 603.1 ms (0.87). Not kept, same measurements:
 - odd sizes (MNIST's 7x7), computed one row and column larger and cropped: 15.6 against
   XLA's 14.8 ms. At D = 128 and T = 1024 tiles the 16 matmuls run at 150-165 GFLOP/s where
-  XLA's direct conv runs at 197, which eats the 1.72x fewer multiply-adds. With this
-  module's transforms (zero-padded to 8x8, the even conv3x3, cropped) the layer alone got
-  faster, forward + both gradients 15.1 -> 13.5 ms (forward 0.89x, input gradient 0.81x,
-  kernel gradient 0.99x), but the whole MNIST step did not: 148.4 and 142.5 ms against
-  XLA's 148.3 and 141.6 in two one-process A/B runs (medians of 9 and 11 windows of 5).
+  XLA's direct conv runs at 197, which eats the 1.72x fewer multiply-adds. Measured again
+  with winograd.py's transforms (written out over strided slices since): zero-padded to
+  8x8, winograd.conv3x3, cropped, the layer alone took 13.5 ms to XLA's 15.1 (forward 4.06
+  to 4.56, input gradient 3.82 to 4.71, kernel gradient 4.94 to 4.99), but the whole MNIST
+  step did not get faster: 148.4 and 142.5 ms against XLA's 148.3 and 141.6 in two
+  one-process A/B runs (medians of 9 and 11 windows of 5).
 - F(4x4, 3x3) at CIFAR-10's shape: 53.0 against 57.0 ms for F(2x2, 3x3), but a relative
   error of 1.3e-5 against 7e-7: not worth it for a model whose twins agree to rounding.
 - the 4x4/2 convolutions as F(2x2, 2x2) over 2x2 pixel blocks: forward, input and kernel
