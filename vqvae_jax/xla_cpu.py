@@ -262,7 +262,8 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
     faster formulations: a 1x1 conv is a matmul (autodiff of the 1x1 conv is 1.7-1.9x
     slower), a 4x4 stride-2 pad-1 conv over even sizes is strided_conv (its input gradient
     takes even sizes; an odd-sized image runs the plain conv), a 3x3 stride-1 pad-1 conv
-    over even sizes is winograd.conv3x3 (over odd sizes it was slower)."""
+    over even sizes is winograd.conv3x3 (over odd sizes, padded to even, the layer got
+    faster and the whole step did not: the module docstring)."""
     plain = (kwargs.get("lhs_dilation") in (None, 1, (1, 1))
              and kwargs.get("rhs_dilation") in (None, 1, (1, 1))
              and kwargs.get("feature_group_count", 1) == 1)
