@@ -21,7 +21,10 @@ step shows as a percentage. FLOPs per image come from torch's FlopCounterMode an
 compiled cost analysis (--quick: of the step before optimization, within 1%, sparing a second
 compile). With --quantizer, then the quantizer alone as K and N grow
 (bench/quantizer.py: about 20 minutes on a 2-core CPU, its two small cases with --quick).
-Prints tables and writes JSON; a measurement, never a test.
+The Flax / PyTorch-eager ratio is printed twice: of the two medians, and round by round
+(each Flax window over the PyTorch window of its round), whose median and range show how much
+of a ratio near 1.0 is the machine's noise. Prints tables and writes JSON (every window's
+seconds included); a measurement, never a test.
 """
 from __future__ import annotations
 
@@ -92,6 +95,13 @@ def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: i
             run_steps(per_window)
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
+    """a's window over b's window of the same round: the two ran seconds apart, so a drift
+    of the machine's speed between rounds, which moves both medians, cancels in each ratio.
+    Their spread says how far the ratio of the medians can be trusted."""
+    return np.array(times[a]) / np.array(times[b])
 
 
 def window(twin, batches: Iterator[np.ndarray]) -> Callable[[int], None]:
@@ -168,8 +178,13 @@ def main() -> None:
               f"{row['pipeline_overhead_pct']:8.1f}% {row['gflops_per_s']:9.1f} "
               f"{row['first_step_s']:12.2f}")
     ratio = per_step["flax_jit"] / per_step["torch_eager"]
+    rounds = round_ratios(times, "flax_jit", "torch_eager")
     results["flax_over_torch_eager_step_time"] = ratio
-    print(f"flax_jit step time / torch_eager step time = {ratio:.2f}")
+    results["flax_over_torch_eager_by_round"] = rounds.tolist()
+    results["windows_s"] = times
+    print(f"flax_jit step time / torch_eager step time = {ratio:.2f}; round by round: "
+          f"median {np.median(rounds):.2f}, {rounds.min():.2f}-{rounds.max():.2f} over "
+          f"{len(rounds)} rounds")
     if args.quantizer:
         results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:

@@ -25,6 +25,9 @@ def test_quick_bench_writes_every_figure(tmp_path):
                     "flops_per_image", "gflops_per_s", "first_step_s"):
             assert math.isfinite(row[key]) and row[key] > 0, key
         assert math.isfinite(row["pipeline_overhead_pct"])
+    rounds = results["flax_over_torch_eager_by_round"]
+    assert len(rounds) == len(results["windows_s"]["flax_jit"]) == 1
+    assert math.isfinite(rounds[0]) and rounds[0] > 0
     cases = {(c["twin"], c["n"], c["k"]) for c in results["quantizer"]}
     assert cases == {(twin, 4096, k) for twin in ("torch", "flax") for k in (512, 8192)}
     assert all(c["seconds"] > 0 and c["peak_bytes"] > 0 for c in results["quantizer"])
