@@ -54,7 +54,11 @@ kernel gradient as nine shifted matmuls: 6.1 against XLA's 4.7 ms. The strided c
 gradient, a 2x2 conv over 2x2 pixel blocks (space-to-depth), now takes the phase convs
 where its result is wide (_strided_conv_transpose). The 4x4/2 kernel gradient by phases or by
 space-to-depth: 13.9 and 12.4 against XLA's 9.5 ms (MNIST), 62.7 and 57.6 against 46.8 ms
-(CIFAR-10).
+(CIFAR-10). Again on Zen 5 (full-width AVX-512), at encoder.conv2's shape, one process,
+interleaved: XLA 6.10 ms (270 GFLOP/s), phases 8.88, 16 shifted matmuls 7.85, one einsum
+over the 16 stacked shifts 7.35. The kernel gradient is the slowest of the strided conv's
+three pieces there (another run: forward 3.95 ms, 416 GFLOP/s; phase convs 4.02; kernel
+gradient 5.55).
 
 The code search's argmin is now a min plus the first index of the minimum on every backend
 (vqvae_jax.model.first_argmin, inside nearest_codes, so the parity suite's substitution of
