@@ -36,7 +36,7 @@ with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afres
   8.7 ms, 4x4/2 kernel gradient 12.1 / 10.1 ms; YNNPACK's matmul is the faster one, so the
   DOT type stays. Whole step, trainings paused, bench/train_step.py: MNIST 116.2 ->
   99.3 ms; contended CIFAR-10 1104 -> 914 ms. Passed per jit (JaxTwin, on a CPU only).
-  Again on Zen 5 (full-width AVX-512; quiet machine, interleaved), YNNPACK / Eigen: 4x4/2
+  Again on Zen 5 (full-width AVX-512; one process, interleaved), YNNPACK / Eigen: 4x4/2
   forward 5.69 / 3.84 ms, its phase-conv input gradient 7.07 / 4.02, its kernel gradient
   6.69 / 5.79, 3x3 forward 2.48 / 2.10, 3x3 kernel gradient 3.38 / 2.20: Eigen still.
 - The page faults: vqvae_common.host_memory.keep_freed_memory, which the entry points call
