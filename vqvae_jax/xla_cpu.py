@@ -63,6 +63,19 @@ over the 16 stacked shifts 7.35. The kernel gradient is the slowest of the strid
 three pieces there (another run: forward 3.95 ms, 416 GFLOP/s; phase convs 4.02; kernel
 gradient 5.55).
 
+Against PyTorch's own pieces on Zen 4 (encoder.conv2's shape, MNIST: x (64, 14, 14, 128),
+9 interleaved rounds of 10 calls, torch on 2 threads beside JAX), XLA / oneDNN: forward
+8.80 / 7.51 ms, input gradient (the phase convs) 8.78 / 9.50, kernel gradient 10.63 / 7.91
+(155 against 208 GFLOP/s). The kernel gradient is the gap, and no GEMM here closes it: at
+its im2col shape, (128, 3136) @ (3136, 2048), XLA's dot runs at 169-185 GFLOP/s whether
+YNNPACK, Eigen or a oneDNN option takes it (torch.mm: 148), so the patches plus one matmul
+took 17.8-20.3 ms and four shifted matmuls over 2x2 pixel blocks 18.4 ms against XLA's 10.2.
+The forward as _block_conv took 1.16x XLA's strided conv, as four phase convs 1.05x. No
+convolution was taken by the oneDNN or XNNPACK convolution fusion types, xla_cpu_use_onednn
+or the oneDNN custom call (same times within 5%). Whole MNIST step, interleaved: every conv
+split into two batch halves, with and without xla_cpu_multi_thread_eigen=false (the halves
+on one thread each, side by side), 1.03x and 1.01x slower; the flag alone 1.00x.
+
 The code search's argmin is now a min plus the first index of the minimum on every backend
 (vqvae_jax.model.first_argmin, inside nearest_codes, so the parity suite's substitution of
 nearest_codes still works): 8.5 -> 2.8 ms alone at MNIST's shape. Whole MNIST step,
