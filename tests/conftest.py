@@ -4,7 +4,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from jax.experimental.compilation_cache import compilation_cache
 
 
 def _real_data_dir(name: str) -> str:
@@ -38,38 +37,23 @@ def twin(request):
 
 
 @pytest.fixture(scope="session")
-def jax_cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax-cache"))
-
-
-@pytest.fixture(scope="session")
-def child_env(jax_cache_dir):
-    """The environment of the trainers and converters that tests run: as in
-    small_model_speed, each compiles only what no process of the session compiled before it
-    (building a model alone is about 3 s of JAX compiles), with torch on one thread. The
+def child_env():
+    """The environment of the trainers and converters that tests run: each compiles only
+    what no process of this worker compiled before it (building a model alone is about 3 s
+    of JAX compiles; the cache is the worker's, conftest.py), with torch on one thread. The
     cache's writes are not atomic: one JAX process at a time."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "JAX_COMPILATION_CACHE_DIR": jax_cache_dir,
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def small_model_speed(jax_cache_dir):
-    """Tests build fresh twins of the same few small models again and again: JAX compiles
-    each function once per session (its persistent cache, not once per twin), and torch runs
-    on one thread (on a busy 2-core machine, two threads wait a time slice at each op).
-    Undone after each module: a session fixture would be undone only after parity_tests/."""
-    options = {"jax_compilation_cache_dir": jax_cache_dir,
-               "jax_persistent_cache_min_compile_time_secs": 0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in options}
+def small_model_speed():
+    """Torch runs on one thread for tests/ (on a busy 2-core machine, two threads wait a time
+    slice at each op). Undone after each module: a session fixture would be undone only after
+    parity_tests/, which set their own threads."""
     threads = torch.get_num_threads()
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # it reads the options once, at its first use
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
