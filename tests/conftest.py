@@ -42,10 +42,10 @@ def child_env():
     what no process of this worker compiled before it (building a model alone is about 3 s
     of JAX compiles; the cache is the worker's, conftest.py), with torch on one thread. The
     cache's writes are not atomic: one JAX process at a time."""
-    return {**os.environ, "OMP_NUM_THREADS": "1",
-            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    cache = {name.upper(): str(getattr(jax.config, name))
+             for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                          "jax_persistent_cache_min_entry_size_bytes")}
+    return {**os.environ, "OMP_NUM_THREADS": "1", **cache}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -75,7 +75,7 @@ convolution was taken by the oneDNN or XNNPACK convolution fusion types, xla_cpu
 or the oneDNN custom call (same times within 5%). Whole MNIST step, interleaved: every conv
 split into two batch halves, with and without xla_cpu_multi_thread_eigen=false (the halves
 on one thread each, side by side), 1.03x and 1.01x slower; the flag alone 1.00x.
-Compile options of this jaxlib not tried before (whole MNIST step, one process, 9 rounds of
+Other compile options of this jaxlib (whole MNIST step, one process, 9 rounds of
 5 steps, by round against the current options): xla_cpu_use_fusion_emitters=false 1.04x,
 xla_cpu_experimental_enable_tiling_propagation 1.06x, xla_cpu_use_xnnpack 0.93x and, in 15
 rounds, 0.98x (0.92-1.10) with the same fusions in the compiled step: noise, not kept.
