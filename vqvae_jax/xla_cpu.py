@@ -61,7 +61,9 @@ space-to-depth: 13.9 and 12.4 against XLA's 9.5 ms (MNIST), 62.7 and 57.6 agains
 interleaved: XLA 6.10 ms (270 GFLOP/s), phases 8.88, 16 shifted matmuls 7.85, one einsum
 over the 16 stacked shifts 7.35. The kernel gradient is the slowest of the strided conv's
 three pieces there (another run: forward 3.95 ms, 416 GFLOP/s; phase convs 4.02; kernel
-gradient 5.55).
+gradient 5.55; a third: kernel gradient 6.44, as patches + one matmul 14.47, forward 4.07,
+as patches + one matmul 6.66; PyTorch alone in its process, oneDNN: kernel gradient
+4.97-5.49, forward 4.67-5.05).
 
 Against PyTorch's own pieces on Zen 4 (encoder.conv2's shape, MNIST: x (64, 14, 14, 128),
 9 interleaved rounds of 10 calls, torch on 2 threads beside JAX), XLA / oneDNN: forward
@@ -95,6 +97,17 @@ against the current options (MNIST step, paused, interleaved): xla_cpu_scheduler
 CONCURRENCY_OPTIMIZED 72.4 against 72.5 ms, xla_cpu_multi_thread_eigen=false 72.6 ms: no
 help, not kept. xla_cpu_use_thunk_runtime is not a compile option of this jaxlib. XLA's
 thread pool is sized from the process's CPU affinity; jax 0.10.2 has no other knob for it.
+Again on Zen 5 (bench/train_step.py under taskset -c 0): 0.95 at one thread. How the two
+use the second core, each twin alone in its process (`perf stat`, the difference between
+runs of 203 and 3 MNIST steps): the Flax process switches context 357 times a step and
+uses 178 ms of CPU, PyTorch's 2.5 times (OpenMP's threads spin between ops) and 157 ms.
+Tried on that account, not kept: the step on two forced host devices of one thread each
+(jax_num_cpu_devices=2, global batch sharded, with and without xla_cpu_multi_thread_eigen
+=false) 1.16x and 1.14x slower than on one device; JAX_CPU_ENABLE_ASYNC_DISPATCH=false (the
+caller thread runs the step), in four A/B pairs of processes, Flax / PyTorch 0.98-1.13
+against 0.96-1.01; Adam over one flattened vector (optax.flatten: 237 loop fusions instead
+of 316) 1.014x and 1.004x in two runs of 15 rounds; xla_cpu_experimental_xnn_graph_fusion
+_mode GREEDY and GREEDY_SLINKY compile the same step (65 YNNPACK, 316 loop fusions).
 
 The 3x3 convolutions over even sizes (CIFAR-10's 8x8 residual convs) run Winograd's
 F(2x2, 3x3), vqvae_jax/winograd.py: 2.25x fewer multiply-adds, at a relative difference of
