@@ -101,9 +101,9 @@ Again on Zen 5 (bench/train_step.py under taskset -c 0): 0.95 at one thread. How
 use the second core, each twin alone in its process (`perf stat`, the difference between
 runs of 203 and 3 MNIST steps): the Flax process switches context 357 times a step and
 uses 178 ms of CPU, PyTorch's 2.5 times (OpenMP's threads spin between ops) and 157 ms.
-Tried on that account, not kept: the step on two forced host devices of one thread each
-(jax_num_cpu_devices=2, global batch sharded, with and without xla_cpu_multi_thread_eigen
-=false) 1.16x and 1.14x slower than on one device; JAX_CPU_ENABLE_ASYNC_DISPATCH=false (the
+Tried on that account, not kept: the step on two forced host devices (jax_num_cpu_devices
+=2, global batch sharded) 1.16x slower than on one device, and 1.14x with one thread per
+device (xla_cpu_multi_thread_eigen=false); JAX_CPU_ENABLE_ASYNC_DISPATCH=false (the
 caller thread runs the step), in four A/B pairs of processes, Flax / PyTorch 0.98-1.13
 against 0.96-1.01; Adam over one flattened vector (optax.flatten: 237 loop fusions instead
 of 316) 1.014x and 1.004x in two runs of 15 rounds; xla_cpu_experimental_xnn_graph_fusion
