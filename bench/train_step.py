@@ -23,16 +23,26 @@ compile). With --quantizer, then the quantizer alone as K and N grow
 (bench/quantizer.py: about 20 minutes on a 2-core CPU, its two small cases with --quick).
 The Flax / PyTorch-eager ratio is printed twice: of the two medians, and round by round
 (each Flax window over the PyTorch window of its round), whose median and range show how much
-of a ratio near 1.0 is the machine's noise. Prints tables and writes JSON (every window's
-seconds included); a measurement, never a test.
+of a ratio near 1.0 is the machine's noise. Each window also counts the process's CPU time
+(all threads) and context switches, printed per step as `cores` (CPU time over wall time)
+and `switches`: how each twin's runtime uses the cores it has (a twin's windows run with the
+other idle). Prints tables and writes JSON (every window's seconds included); a measurement,
+never a test.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+try:
+    import resource  # POSIX: CPU time and context switches of the whole process
+except ImportError:
+    resource = None
 
 import jax
 import numpy as np
@@ -76,14 +86,29 @@ def jax_flops(twin: JaxTwin, batch: np.ndarray, compiled: bool = True) -> float:
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
 
+class Usage(NamedTuple):
+    cpu_seconds: float  # user + system, every thread of the process
+    context_switches: float  # voluntary + involuntary; NaN where the OS does not count them
+
+
+def process_usage() -> Usage:
+    if resource is None:  # not POSIX: CPU time by clock ticks, switches not counted
+        times = os.times()
+        return Usage(times.user + times.system, float("nan"))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return Usage(usage.ru_utime + usage.ru_stime, float(usage.ru_nvcsw + usage.ru_nivcsw))
+
+
 def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: int
-            ) -> dict[str, list[float]]:
-    """Seconds of each window of `per_window` steps. Before a twin's windows in each round,
-    one untimed window of its own, so that no timed window pays for the switch from the other
-    framework's, which a training run never makes: the first Flax window after PyTorch's
-    measured 5-13% slower than the next (both presets), the same two alone equal (MNIST 143.4
-    and 143.6 ms). Variants named "<twin>+..." belong to <twin>."""
+            ) -> tuple[dict[str, list[float]], dict[str, list[Usage]]]:
+    """Seconds of each window of `per_window` steps, and the process's CPU time and context
+    switches over each. Before a twin's windows in each round, one untimed window of its
+    own, so that no timed window pays for the switch from the other framework's, which a
+    training run never makes: the first Flax window after PyTorch's measured 5-13% slower
+    than the next (both presets), the same two alone equal (MNIST 143.4 and 143.6 ms).
+    Variants named "<twin>+..." belong to <twin>."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    usage: dict[str, list[Usage]] = {name: [] for name in steps}
     for _ in range(windows):
         previous = None
         for name, run_steps in steps.items():
@@ -91,10 +116,11 @@ def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: i
             if twin != previous:
                 run_steps(per_window)
                 previous = twin
-            start = time.perf_counter()
+            before, start = process_usage(), time.perf_counter()
             run_steps(per_window)
             times[name].append(time.perf_counter() - start)
-    return times
+            usage[name].append(Usage(*(b - a for a, b in zip(before, process_usage()))))
+    return times, usage
 
 
 def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
@@ -156,7 +182,7 @@ def main() -> None:
     for name, twin in twins.items():
         steps[name] = window(twin, fixed_batches(batch))
         steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size))
-    times = measure(steps, args.windows, args.steps)
+    times, usage = measure(steps, args.windows, args.steps)
 
     per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
     results = {"machine": f"{platform.processor() or platform.machine()}, "
@@ -165,18 +191,23 @@ def main() -> None:
     print(f"{args.dataset}, batch {args.batch_size}, device {args.device} "
           f"({args.windows} windows of {args.steps} steps, median)")
     print(f"{'variant':24} {'ms/step':>9} {'images/s':>9} {'pipeline':>9} {'GFLOP/s':>9} "
-          f"{'first step s':>12}")
+          f"{'first step s':>12} {'cores':>6} {'switches':>9}")
     for name in twins:
         step_s, fed_s = per_step[name], per_step[f"{name}+pipeline"]
         row = {"ms_per_step": step_s * 1e3, "images_per_s": args.batch_size / step_s,
                "images_per_s_with_pipeline": args.batch_size / fed_s,
                "pipeline_overhead_pct": 100 * (fed_s - step_s) / step_s,
                "flops_per_image": flops[name] / args.batch_size,
-               "gflops_per_s": flops[name] / step_s / 1e9, "first_step_s": compile_s[name]}
+               "gflops_per_s": flops[name] / step_s / 1e9, "first_step_s": compile_s[name],
+               "cores_used": float(np.median([u.cpu_seconds / s for u, s in
+                                              zip(usage[name], times[name])])),
+               "context_switches_per_step": float(np.median(
+                   [u.context_switches for u in usage[name]])) / args.steps}
         results["variants"][name] = row
         print(f"{name:24} {row['ms_per_step']:9.1f} {row['images_per_s']:9.0f} "
               f"{row['pipeline_overhead_pct']:8.1f}% {row['gflops_per_s']:9.1f} "
-              f"{row['first_step_s']:12.2f}")
+              f"{row['first_step_s']:12.2f} {row['cores_used']:6.2f} "
+              f"{row['context_switches_per_step']:9.1f}")
     ratio = per_step["flax_jit"] / per_step["torch_eager"]
     rounds = round_ratios(times, "flax_jit", "torch_eager")
     results["flax_over_torch_eager_step_time"] = ratio

@@ -25,6 +25,9 @@ def test_quick_bench_writes_every_figure(tmp_path):
                     "flops_per_image", "gflops_per_s", "first_step_s"):
             assert math.isfinite(row[key]) and row[key] > 0, key
         assert math.isfinite(row["pipeline_overhead_pct"])
+        assert 0 < row["cores_used"] <= os.cpu_count() + 0.5  # CPU time over wall time
+        assert math.isfinite(row["context_switches_per_step"])  # counted on Linux, as in CI
+        assert row["context_switches_per_step"] >= 0
     rounds = results["flax_over_torch_eager_by_round"]
     assert len(rounds) == len(results["windows_s"]["flax_jit"]) == 1
     assert math.isfinite(rounds[0]) and rounds[0] > 0
