@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 
 def _pin_xla_threads(workers: int) -> None:
     """Starts JAX's backends with this worker's share of the cores as its affinity, which
@@ -68,6 +70,20 @@ def pytest_configure(config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     compilation_cache.reset_cache()  # it reads the options once, at its first use
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tempfiles_under_basetemp(tmp_path_factory):
+    """Whatever a test, or a program it starts, makes with `tempfile` lands under pytest's
+    own temporary directory (which pytest prunes to its last three runs), not in the
+    system's: tfds (4.9.10) leaves a tempfile.mkdtemp() directory behind at each builder of
+    a dataset it finds unprepared, as under its mock data (tests/test_common_data.py left 16
+    in /tmp a run, the programs the whole suite starts 112)."""
+    root = str(tmp_path_factory.mktemp("tempfile"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", root)
+        patch.setenv("TMPDIR", root)  # the trainers and converters the tests start
+        yield
 
 
 # The modules that take longest (pytest --durations, this machine), started first: pytest-xdist
