@@ -90,9 +90,12 @@ def _tempfiles_under_basetemp(tmp_path_factory):
 # hands out modules in collection order, and one that starts last becomes the suite's tail.
 # Only the order changes; a module not listed keeps its place after these.
 SLOWEST_FIRST = ("tests/test_reliability.py", "parity_tests/test_training.py",
-                 "tests/test_jax_devices.py", "tests/test_train_cli.py",
-                 "parity_tests/test_data_parallel.py", "parity_tests/test_gradients.py",
-                 "parity_tests/test_forward.py", "parity_tests/test_codebook_learning.py")
+                 "parity_tests/test_gradients.py", "tests/test_jax_devices.py",
+                 "tests/test_convert.py", "parity_tests/test_forward.py",
+                 "parity_tests/test_data_parallel.py", "tests/test_model.py",
+                 "tests/test_jax_model.py", "tests/test_bench.py", "tests/test_train_cli.py",
+                 "tests/test_jax_train.py", "parity_tests/test_detects_bugs.py",
+                 "parity_tests/test_codebook_learning.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
