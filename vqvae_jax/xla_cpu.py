@@ -108,6 +108,17 @@ caller thread runs the step), in four A/B pairs of processes, Flax / PyTorch 0.9
 against 0.96-1.01; Adam over one flattened vector (optax.flatten: 237 loop fusions instead
 of 316) 1.014x and 1.004x in two runs of 15 rounds; xla_cpu_experimental_xnn_graph_fusion
 _mode GREEDY and GREEDY_SLINKY compile the same step (65 YNNPACK, 316 loop fusions).
+Again on Zen 5 (MNIST step, one process, 9-15 interleaved rounds, against the current
+options), not kept: xla_cpu_scheduler_type CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED (temporary
+buffer 95 -> 66 MiB) 1.005x; xla_cpu_opt_preset CPU_OPT_PRESET_FAST_RUNTIME 0.99x (0.83-1.19
+by round); YNNPACK for the dots alone, XLA's own reductions, 1.18x slower; the four phase
+convs of _phase_conv_transpose made to run one after another (optimization barriers)
+1.004x; the step's state handed to jit as a flat list of arrays, so that no nnx Variable is
+rebuilt per call (the caller's thread spends 1.5-2.6 ms of CPU a step beside XLA's two),
+0.993x and 0.995x; XLA's two pool threads pinned one per core 0.99x; glibc's huge pages again
+(four pairs of processes, Flax alone 83, 89, 78, 89 ms with them, 73, 74, 87, 78 without).
+BatchNorm's backward from the centred input in place of x_hat: the same temporary buffer,
+bit-identical weights after a step, 1.006x.
 
 The 3x3 convolutions over even sizes (CIFAR-10's 8x8 residual convs) run Winograd's
 F(2x2, 3x3), vqvae_jax/winograd.py: 2.25x fewer multiply-adds, at a relative difference of
