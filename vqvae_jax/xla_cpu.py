@@ -43,104 +43,15 @@ with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afres
   before JAX starts, has glibc keep the freed temporary buffer for the next call. MNIST
   step, trainings paused: 99.3 -> 85.1 ms (0 page faults).
 
-Tried and not kept (same measurements): im2col + one YNNPACK matmul for the 3x3 conv
-(5.5 ms against 4.5 for the conv) and its kernel gradient (7.4-8.2 against 5.7 ms), and for
-the 4x4/2 conv (23.4 against 12.8 ms; kernel gradient 36.9 against 11.6 ms): building the
-patches costs more than the matmul saves. The 4x4/2 forward as a 2x2 conv over
-space-to-depth blocks or as four stride-1 phase convs: within 10% of XLA's strided conv.
-YNNPACK's ELTWISE fusion type: slower (207 against 191 ms). XNNPACK and oneDNN fusion types:
-no op was taken by them in this jaxlib. xla_cpu_prefer_vector_width=512 and the
-concurrency-optimized scheduler: within 1%. On Zen 4 (whole MNIST step, interleaved):
-xla_cpu_use_onednn, xla_cpu_experimental_onednn_custom_call and the oneDNN convolution
-fusion type within 3%; YNNPACK for the reductions only 1.01x, for none 1.12x slower. The 3x3
-kernel gradient as nine shifted matmuls: 6.1 against XLA's 4.7 ms. The strided conv's input
-gradient, a 2x2 conv over 2x2 pixel blocks (space-to-depth), now takes the phase convs
-where its result is wide (_strided_conv_transpose). The 4x4/2 kernel gradient by phases or by
-space-to-depth: 13.9 and 12.4 against XLA's 9.5 ms (MNIST), 62.7 and 57.6 against 46.8 ms
-(CIFAR-10). Again on Zen 5 (full-width AVX-512), at encoder.conv2's shape, one process,
-interleaved: XLA 6.10 ms (270 GFLOP/s), phases 8.88, 16 shifted matmuls 7.85, one einsum
-over the 16 stacked shifts 7.35. The kernel gradient is the slowest of the strided conv's
-three pieces there (another run: forward 3.95 ms, 416 GFLOP/s; phase convs 4.02; kernel
-gradient 5.55; a third: kernel gradient 6.44, as patches + one matmul 14.47, forward 4.07,
-as patches + one matmul 6.66; PyTorch alone in its process, oneDNN: kernel gradient
-4.97-5.49, forward 4.67-5.05).
-
-Against PyTorch's own pieces on Zen 4 (encoder.conv2's shape, MNIST: x (64, 14, 14, 128),
-9 interleaved rounds of 10 calls, torch on 2 threads beside JAX), XLA / oneDNN: forward
-8.80 / 7.51 ms, input gradient (the phase convs) 8.78 / 9.50, kernel gradient 10.63 / 7.91
-(155 against 208 GFLOP/s). The kernel gradient is the gap, and no GEMM here closes it: at
-its im2col shape, (128, 3136) @ (3136, 2048), XLA's dot runs at 169-185 GFLOP/s whether
-YNNPACK, Eigen or a oneDNN option takes it (torch.mm: 148), so the patches plus one matmul
-took 17.8-20.3 ms and four shifted matmuls over 2x2 pixel blocks 18.4 ms against XLA's 10.2.
-The forward as _block_conv took 1.16x XLA's strided conv, as four phase convs 1.05x. No
-convolution was taken by the oneDNN or XNNPACK convolution fusion types, xla_cpu_use_onednn
-or the oneDNN custom call (same times within 5%). Whole MNIST step, interleaved: every conv
-split into two batch halves, with and without xla_cpu_multi_thread_eigen=false (the halves
-on one thread each, side by side), 1.03x and 1.01x slower; the flag alone 1.00x.
-Other compile options of this jaxlib (whole MNIST step, one process, 9 rounds of
-5 steps, by round against the current options): xla_cpu_use_fusion_emitters=false 1.04x,
-xla_cpu_experimental_enable_tiling_propagation 1.06x, xla_cpu_use_xnnpack 0.93x and, in 15
-rounds, 0.98x (0.92-1.10) with the same fusions in the compiled step: noise, not kept.
-
-The code search's argmin is now a min plus the first index of the minimum on every backend
-(vqvae_jax.model.first_argmin, inside nearest_codes, so the parity suite's substitution of
-nearest_codes still works): 8.5 -> 2.8 ms alone at MNIST's shape. Whole MNIST step,
-trainings paused, interleaved in one process: one core (taskset -c 0) 126.9 -> 121.8 ms,
-two cores 76.2 -> 72.5 ms.
-
-Threads. At one thread (taskset -c 0, trainings paused, 7 interleaved windows of 5 steps)
-the Flax step matches PyTorch eager: MNIST 121.8 against 120.4 ms (1.01), CIFAR-10 589.6
-against 585.3 ms (1.01). At two threads bench/train_step.py gives 1.17 and 1.05 (same
-window), so what remains of the gap is how the two use the second core: PyTorch's eager
-step goes 120 -> 70 ms from one to two threads, XLA's 122 -> 82. Per jit on two cores,
-against the current options (MNIST step, paused, interleaved): xla_cpu_scheduler_type
-CONCURRENCY_OPTIMIZED 72.4 against 72.5 ms, xla_cpu_multi_thread_eigen=false 72.6 ms: no
-help, not kept. xla_cpu_use_thunk_runtime is not a compile option of this jaxlib. XLA's
-thread pool is sized from the process's CPU affinity; jax 0.10.2 has no other knob for it.
-Again on Zen 5 (bench/train_step.py under taskset -c 0): 0.95 at one thread. How the two
-use the second core, each twin alone in its process (`perf stat`, the difference between
-runs of 203 and 3 MNIST steps): the Flax process switches context 357 times a step and
-uses 178 ms of CPU, PyTorch's 2.5 times (OpenMP's threads spin between ops) and 157 ms.
-Tried on that account, not kept: the step on two forced host devices (jax_num_cpu_devices
-=2, global batch sharded) 1.16x slower than on one device, and 1.14x with one thread per
-device (xla_cpu_multi_thread_eigen=false); JAX_CPU_ENABLE_ASYNC_DISPATCH=false (the
-caller thread runs the step), in four A/B pairs of processes, Flax / PyTorch 0.98-1.13
-against 0.96-1.01; Adam over one flattened vector (optax.flatten: 237 loop fusions instead
-of 316) 1.014x and 1.004x in two runs of 15 rounds; xla_cpu_experimental_xnn_graph_fusion
-_mode GREEDY and GREEDY_SLINKY compile the same step (65 YNNPACK, 316 loop fusions).
-Again on Zen 5 (MNIST step, one process, 9-15 interleaved rounds, against the current
-options), not kept: xla_cpu_scheduler_type CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED (temporary
-buffer 95 -> 66 MiB) 1.005x; xla_cpu_opt_preset CPU_OPT_PRESET_FAST_RUNTIME 0.99x (0.83-1.19
-by round); YNNPACK for the dots alone, XLA's own reductions, 1.18x slower; the four phase
-convs of _phase_conv_transpose made to run one after another (optimization barriers)
-1.004x; the step's state handed to jit as a flat list of arrays, so that no nnx Variable is
-rebuilt per call (the caller's thread spends 1.5-2.6 ms of CPU a step beside XLA's two),
-0.993x and 0.995x; XLA's two pool threads pinned one per core 0.99x; glibc's huge pages again
-(four pairs of processes, Flax alone 83, 89, 78, 89 ms with them, 73, 74, 87, 78 without).
-BatchNorm's backward from the centred input in place of x_hat: the same temporary buffer,
-bit-identical weights after a step, 1.006x.
-
 The 3x3 convolutions over even sizes (CIFAR-10's 8x8 residual convs) run Winograd's
 F(2x2, 3x3), vqvae_jax/winograd.py: 2.25x fewer multiply-adds, at a relative difference of
 about 1e-6 from XLA's conv. Forward + both gradients at 64x8x8x256, interleaved, one
 process (Zen 4): 72.7 -> 50.3 ms (forward alone 23.4 -> 14.8), at 64x8x8x128 19.0 -> 14.1;
-whole CIFAR-10 step 695.4 -> 603.1 ms (0.87). Not kept, same measurements:
-- odd sizes (MNIST's 7x7), computed one row and column larger and cropped: 15.6 against
-  XLA's 14.8 ms. At D = 128 and T = 1024 tiles the 16 matmuls run at 150-165 GFLOP/s where
-  XLA's direct conv runs at 197, which eats the 1.72x fewer multiply-adds. Measured again
-  with winograd.py's transforms (written out over strided slices since): zero-padded to
-  8x8, winograd.conv3x3, cropped, the layer alone took 13.5 ms to XLA's 15.1 (forward 4.06
-  to 4.56, input gradient 3.82 to 4.71, kernel gradient 4.94 to 4.99), but the whole MNIST
-  step did not get faster: 148.4 and 142.5 ms against XLA's 148.3 and 141.6 in two
-  one-process A/B runs (medians of 9 and 11 windows of 5).
-- F(4x4, 3x3) at CIFAR-10's shape: 53.0 against 57.0 ms for F(2x2, 3x3), but a relative
-  error of 1.3e-5 against 7e-7: not worth it for a model whose twins agree to rounding.
-- the 4x4/2 convolutions as F(2x2, 2x2) over 2x2 pixel blocks: forward, input and kernel
-  gradient 131.6 against 138.9 ms at CIFAR-10's encoder.conv2 (forward 47.3 against 48.4,
-  kernel gradient 58.7 against 56.0), 31.7 against 28.2 at MNIST's; the transposed conv 1.03x
-  and 1.22x slower.
-- XLA's (Eigen's) matmul for the dots, faster alone at (16, 1024, 256) @ (16, 256, 256)
-  (11.4 against 13.1 ms): whole step 1.016x (CIFAR-10) and 1.011x (MNIST) slower.
+whole CIFAR-10 step 695.4 -> 603.1 ms (0.87). Odd sizes (MNIST's 7x7) stay on XLA's conv.
+
+What was tried and not kept, each with its measurement (other conv formulations, every
+XLA:CPU fusion type and compile option of this jaxlib, thread and allocator settings,
+Winograd's other forms): bench/results_speed_log.md.
 
 Layouts are the model's: activations NHWC, kernels HWIO.
 """
@@ -311,7 +222,7 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **
     slower), a 4x4 stride-2 pad-1 conv over even sizes is strided_conv (its input gradient
     takes even sizes; an odd-sized image runs the plain conv), a 3x3 stride-1 pad-1 conv
     over even sizes is winograd.conv3x3 (over odd sizes, padded to even, the layer got
-    faster and the whole step did not: the module docstring)."""
+    faster and the whole step did not: bench/results_speed_log.md)."""
     plain = (kwargs.get("lhs_dilation") in (None, 1, (1, 1))
              and kwargs.get("rhs_dilation") in (None, 1, (1, 1))
              and kwargs.get("feature_group_count", 1) == 1)
