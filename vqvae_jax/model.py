@@ -204,7 +204,8 @@ def first_argmin(distances: jax.Array) -> jax.Array:
     backend runs as a scalar loop; here a min and an integer min are two plain reductions it
     vectorizes. At MNIST's N = 3136, K = 512 (jitted alone, one core, interleaved) 8.5 ->
     2.8 ms, at CIFAR-10's N = 4096 13.3 -> 6.5 ms; whole MNIST train step (interleaved in
-    one process) 126.9 -> 121.8 ms on one core, 76.2 -> 72.5 ms on two.
+    one process, background trainings paused) 126.9 -> 121.8 ms on one core (taskset -c 0),
+    76.2 -> 72.5 ms on two.
 
     - Both reductions read one materialized copy of the distances (the optimization
       barrier), so the compare meets exactly the value the min returned, whatever XLA fuses.
