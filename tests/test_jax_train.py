@@ -1,16 +1,18 @@
 """What only the jitted Flax twin can get wrong: its step compiling more than once, and its
 k steps in one lax.scan differing from k single steps; and its CPU compiler options."""
+import functools
 import re
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from parity_tests.test_gradients import feeds_batchnorm
 from vqvae_common import layout
 from vqvae_common.config import ModelConfig, TrainConfig
 from vqvae_jax import checkpoint
-from vqvae_jax.train import JaxTwin
+from vqvae_jax.train import JaxTwin, train_steps
 
 
 def test_the_train_step_compiles_once():
@@ -39,15 +41,28 @@ def test_the_cpu_step_leaves_convolutions_to_xla_and_dots_to_ynnpack():
 
 
 
-def test_k_steps_in_one_scan_equal_k_single_steps():
+def test_on_a_cpu_the_k_steps_compile_without_a_loop():
+    """XLA:CPU runs the kernel gradients inside a loop's body on its naive convolution
+    emitter (vqvae_jax.train.train_steps), so the CPU twin unrolls the scan."""
+    twin = JaxTwin(ModelConfig(in_channels=1, hidden=8, num_codes=16), TrainConfig(device="cpu"))
+    batches = np.zeros((2, 8, 28, 28, 1), np.float32)
+    hlo = twin._train_steps.lower(twin.state, batches).compile().as_text()
+    assert " convolution(" in hlo and " while(" not in hlo
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["loop (accelerators)", "unrolled (CPU)"])
+def test_k_steps_in_one_scan_equal_k_single_steps(unroll: bool):
     """float64, so that only the order of operations could differ: the loss terms within
     1e-12 and every weight (but the conv biases feeding a BatchNorm, which Adam moves on the
-    sign of rounding noise, and the running means holding them) within 1e-12."""
+    sign of rounding noise, and the running means holding them) within 1e-12. Both forms of
+    the scan, whichever the device here would take."""
     config = ModelConfig(in_channels=1, hidden=8, num_codes=16)
     batches = list(np.random.default_rng(1).uniform(-1, 1, (3, 8, 28, 28, 1)))
     with jax.enable_x64():
         single, scanned = (in_float64(JaxTwin(config, TrainConfig(device="cpu")))
                            for _ in range(2))
+        scanned._train_steps = jax.jit(functools.partial(
+            train_steps, scanned.graphdef, unroll=unroll), donate_argnums=0)
         last = [single.fetch(single.train_step(batch)) for batch in batches][-1]
         for term, value in scanned.fetch(scanned.train_steps(batches)).items():
             assert abs(value - last[term]) <= 1e-12 * abs(last[term]), term
