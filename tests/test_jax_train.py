@@ -57,7 +57,7 @@ def test_k_steps_in_one_scan_equal_k_single_steps(unroll: bool):
     sign of rounding noise, and the running means holding them) within 1e-12. Both forms of
     the scan, whichever the device here would take."""
     config = ModelConfig(in_channels=1, hidden=8, num_codes=16)
-    batches = list(np.random.default_rng(1).uniform(-1, 1, (3, 8, 28, 28, 1)))
+    batches = list(np.random.default_rng(1).uniform(-1, 1, (2, 8, 28, 28, 1)))
     with jax.enable_x64():
         single, scanned = (in_float64(JaxTwin(config, TrainConfig(device="cpu")))
                            for _ in range(2))
