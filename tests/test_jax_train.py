@@ -5,7 +5,6 @@ import re
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from parity_tests.test_gradients import feeds_batchnorm
@@ -41,37 +40,33 @@ def test_the_cpu_step_leaves_convolutions_to_xla_and_dots_to_ynnpack():
 
 
 
-def test_on_a_cpu_the_k_steps_compile_without_a_loop():
-    """XLA:CPU runs the kernel gradients inside a loop's body on its naive convolution
-    emitter (vqvae_jax.train.train_steps), so the CPU twin unrolls the scan."""
-    twin = JaxTwin(ModelConfig(in_channels=1, hidden=8, num_codes=16), TrainConfig(device="cpu"))
-    batches = np.zeros((2, 8, 28, 28, 1), np.float32)
-    hlo = twin._train_steps.lower(twin.state, batches).compile().as_text()
-    assert " convolution(" in hlo and " while(" not in hlo
-
-
-@pytest.mark.parametrize("unroll", [False, True], ids=["loop (accelerators)", "unrolled (CPU)"])
-def test_k_steps_in_one_scan_equal_k_single_steps(unroll: bool):
+def test_k_steps_in_one_scan_equal_k_single_steps():
     """float64, so that only the order of operations could differ: the loss terms within
     1e-12 and every weight (but the conv biases feeding a BatchNorm, which Adam moves on the
     sign of rounding noise, and the running means holding them) within 1e-12. Both forms of
-    the scan, whichever the device here would take."""
+    the scan: the loop accelerators run, and the straight-line steps of the CPU twin, which
+    must compile without a loop (XLA:CPU runs the kernel gradients inside one on its naive
+    convolution emitter: vqvae_jax.train.train_steps)."""
     config = ModelConfig(in_channels=1, hidden=8, num_codes=16)
     batches = list(np.random.default_rng(1).uniform(-1, 1, (2, 8, 28, 28, 1)))
     with jax.enable_x64():
-        single, scanned = (in_float64(JaxTwin(config, TrainConfig(device="cpu")))
-                           for _ in range(2))
-        scanned._train_steps = jax.jit(functools.partial(
-            train_steps, scanned.graphdef, unroll=unroll), donate_argnums=0)
+        single, looped, unrolled = (in_float64(JaxTwin(config, TrainConfig(device="cpu")))
+                                    for _ in range(3))
+        looped._train_steps = jax.jit(functools.partial(
+            train_steps, looped.graphdef, unroll=False), donate_argnums=0)
+        program = unrolled._train_steps.lower(unrolled.state, np.stack(batches)).as_text()
+        assert "stablehlo.convolution" in program and "stablehlo.while" not in program
         last = [single.fetch(single.train_step(batch)) for batch in batches][-1]
-        for term, value in scanned.fetch(scanned.train_steps(batches)).items():
-            assert abs(value - last[term]) <= 1e-12 * abs(last[term]), term
-        want, got = (layout.flax_to_torch(checkpoint.export_arrays(nnx.merge(
-            twin.graphdef, twin.state)[0])) for twin in (single, scanned))
-    for key in want:
-        if not feeds_batchnorm(key) and not key.endswith("running_mean"):
-            np.testing.assert_allclose(got[key], want[key], rtol=0, err_msg=key,
-                                       atol=1e-12 * np.abs(want[key]).max())
+        for scanned in (looped, unrolled):
+            for term, value in scanned.fetch(scanned.train_steps(batches)).items():
+                assert abs(value - last[term]) <= 1e-12 * abs(last[term]), term
+        want, *gots = (layout.flax_to_torch(checkpoint.export_arrays(nnx.merge(
+            twin.graphdef, twin.state)[0])) for twin in (single, looped, unrolled))
+    for got in gots:
+        for key in want:
+            if not feeds_batchnorm(key) and not key.endswith("running_mean"):
+                np.testing.assert_allclose(got[key], want[key], rtol=0, err_msg=key,
+                                           atol=1e-12 * np.abs(want[key]).max())
 
 
 def in_float64(twin: JaxTwin) -> JaxTwin:
