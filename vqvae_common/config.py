@@ -144,8 +144,8 @@ class TrainConfig:
         1, "optimizer steps per call of the twin, logging and checkpoint steps kept: JAX "
            "runs them as one compiled lax.scan over batches put on the device together (for "
            "accelerators, where dispatching a step may cost as much as computing it; on a "
-           "CPU unrolled, no faster than single steps and slower to compile), PyTorch one "
-           "after another", (1, 1000))
+           "CPU unrolled: no faster than single steps, and its compile time grows with the "
+           "count), PyTorch one after another", (1, 1000))
     log_every: int = flag(50, "steps between logged metrics, the only host syncs",
                           (1, 10**9))
     checkpoint_every: int = flag(500, "steps between checkpoints; one is also written at "
