@@ -26,8 +26,11 @@ The Flax / PyTorch-eager ratio is printed twice: of the two medians, and round b
 of a ratio near 1.0 is the machine's noise. Each window also counts the process's CPU time
 (all threads) and context switches, printed per step as `cores` (CPU time over wall time)
 and `switches`: how each twin's runtime uses the cores it has (a twin's windows run with the
-other idle). Prints tables and writes JSON (every window's seconds included); a measurement,
-never a test.
+other idle). On a CPU, each round starts by measuring how far apart two of the process's
+CPUs are (bench/core_distance.py), and the round-by-round ratio is given again for each
+placement seen: on a virtual machine whose host moves the vCPUs, the Flax step moves with
+it. Prints tables and writes JSON (every window's seconds included); a measurement, never a
+test.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import jax
 import numpy as np
 import quantizer  # bench/quantizer.py, beside this script
 import torch
+from core_distance import CoreDistance  # bench/core_distance.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from vqvae_common import data, host_memory
@@ -99,17 +103,19 @@ def process_usage() -> Usage:
     return Usage(usage.ru_utime + usage.ru_stime, float(usage.ru_nvcsw + usage.ru_nivcsw))
 
 
-def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: int
+def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: int,
+            before_round: Callable[[], None] = lambda: None
             ) -> tuple[dict[str, list[float]], dict[str, list[Usage]]]:
     """Seconds of each window of `per_window` steps, and the process's CPU time and context
-    switches over each. Before a twin's windows in each round, one untimed window of its
-    own, so that no timed window pays for the switch from the other framework's, which a
-    training run never makes: the first Flax window after PyTorch's measured 5-13% slower
-    than the next (both presets), the same two alone equal (MNIST 143.4 and 143.6 ms).
-    Variants named "<twin>+..." belong to <twin>."""
+    switches over each; `before_round` runs before each round. Before a twin's windows in
+    each round, one untimed window of its own, so that no timed window pays for the switch
+    from the other framework's, which a training run never makes: the first Flax window
+    after PyTorch's measured 5-13% slower than the next (both presets), the same two alone
+    equal (MNIST 143.4 and 143.6 ms). Variants named "<twin>+..." belong to <twin>."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     usage: dict[str, list[Usage]] = {name: [] for name in steps}
     for _ in range(windows):
+        before_round()
         previous = None
         for name, run_steps in steps.items():
             twin = name.split("+")[0]
@@ -128,6 +134,16 @@ def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
     of the machine's speed between rounds, which moves both medians, cancels in each ratio.
     Their spread says how far the ratio of the medians can be trusted."""
     return np.array(times[a]) / np.array(times[b])
+
+
+def by_placement(distances: list[float], values: np.ndarray
+                 ) -> list[tuple[list[float], np.ndarray]]:
+    """values grouped by the round trip measured before their round: near (within 1.5x of
+    the fastest round trip) and far (the rest), whichever occur. On the 2-core VMs the two
+    placements differ 2x and the Flax step moves with them (bench/core_distance.py)."""
+    far = np.array(distances) > 1.5 * min(distances)
+    return [([d for d, f in zip(distances, far) if f == side], values[far == side])
+            for side in (False, True) if (far == side).any()]
 
 
 def window(twin, batches: Iterator[np.ndarray]) -> Callable[[int], None]:
@@ -182,7 +198,10 @@ def main() -> None:
     for name, twin in twins.items():
         steps[name] = window(twin, fixed_batches(batch))
         steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size))
-    times, usage = measure(steps, args.windows, args.steps)
+    with CoreDistance() as probe:
+        distances: list[float | None] = []
+        times, usage = measure(steps, args.windows, args.steps,
+                               lambda: distances.append(probe.round_trip_ns()))
 
     per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
     results = {"machine": f"{platform.processor() or platform.machine()}, "
@@ -213,9 +232,15 @@ def main() -> None:
     results["flax_over_torch_eager_step_time"] = ratio
     results["flax_over_torch_eager_by_round"] = rounds.tolist()
     results["windows_s"] = times
+    results["core_round_trip_ns_by_round"] = distances
     print(f"flax_jit step time / torch_eager step time = {ratio:.2f}; round by round: "
           f"median {np.median(rounds):.2f}, {rounds.min():.2f}-{rounds.max():.2f} over "
           f"{len(rounds)} rounds")
+    if args.device == "cpu" and None not in distances:
+        print(f"rounds by the placement of CPUs {probe.cpus} (cache-line round trip, "
+              f"bench/core_distance.py): " + "; ".join(
+                  f"{len(r)} at {min(d):.0f}-{max(d):.0f} ns, median {np.median(r):.2f}"
+                  for d, r in by_placement(distances, rounds)))
     if args.quantizer:
         results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:

@@ -1,6 +1,6 @@
 """The benchmarks' CI smoke run: bench/train_step.py --quick runs end to end and writes every
-figure it promises. Never a timing: the values are only checked to be measured (finite,
-positive), not fast."""
+figure it promises, and bench/core_distance.py's probe measures and cleans up after itself.
+Never a timing: the values are only checked to be measured (finite, positive), not fast."""
 import json
 import math
 import os
@@ -31,6 +31,26 @@ def test_quick_bench_writes_every_figure(tmp_path):
     rounds = results["flax_over_torch_eager_by_round"]
     assert len(rounds) == len(results["windows_s"]["flax_jit"]) == 1
     assert math.isfinite(rounds[0]) and rounds[0] > 0
+    (distance,) = results["core_round_trip_ns_by_round"]  # one round
+    assert distance is None if len(os.sched_getaffinity(0)) < 2 else 0 < distance < 1e6
     cases = {(c["twin"], c["n"], c["k"]) for c in results["quantizer"]}
     assert cases == {(twin, 4096, k) for twin in ("torch", "flax") for k in (512, 8192)}
     assert all(c["seconds"] > 0 and c["peak_bytes"] > 0 for c in results["quantizer"])
+
+
+def test_core_distance_probe_measures_and_leaves_nothing_behind():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from core_distance import CoreDistance
+    finally:
+        sys.path.pop(0)
+    affinity = os.sched_getaffinity(0)
+    with CoreDistance() as probe:
+        first, second = probe.round_trip_ns(), probe.round_trip_ns()  # the far side waits
+        assert os.sched_getaffinity(0) == affinity  # the probe pins itself only meanwhile
+        pong, path = probe._pong, getattr(probe, "_path", None)
+    if len(affinity) < 2:
+        assert first is second is None
+        return
+    assert 0 < first < 1e6 and 0 < second < 1e6
+    assert pong.returncode == 0 and not os.path.exists(path)
