@@ -10,7 +10,7 @@ there says in which placement each of its rounds ran.
     python bench/core_distance.py          # ten probes, one a second
 
 Pure Python: a second process pinned to the other CPU, the two spinning on one shared byte,
-so the figures include the interpreter's loop: 160-250 ns near, 400-490 ns far on the VM
+so the figures include the interpreter's loop: 160-270 ns near, 400-490 ns far on the VM
 above. Linux only (CPU affinity); elsewhere, or with one CPU, there is nothing to measure.
 """
 from __future__ import annotations
