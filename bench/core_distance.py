@@ -1,17 +1,17 @@
 """How far apart two of this process's CPUs are: the round trip of one cache line between them.
 
 On a virtual machine the host places the vCPUs, and moves them. On this project's 2-core VMs
-the round trip between vCPU 0 and vCPU 1 switches every few seconds between about 80-130 ns
-(nearby cores) and 370-430 ns (far apart, in another core complex), measured with C atomics;
-the Flax MNIST step took 78 ms in the near placement and 90 ms in the far one, PyTorch's
-eager step 80 and 83 ms (bench/results_speed_log.md, stop 36). So a bench comparing the twins
-there says in which placement each of its rounds ran.
+the round trip between vCPU 0 and vCPU 1 switches every few seconds between two levels about
+3x apart, and the Flax step is slower in the far placement, PyTorch's hardly
+(bench/results_speed_log.md, stop 36, has the figures). So a bench comparing the twins there
+says in which placement each window ran.
 
     python bench/core_distance.py          # ten probes, one a second
 
 Pure Python: a second process pinned to the other CPU, the two spinning on one shared byte,
-so the figures include the interpreter's loop: 160-270 ns near, 400-490 ns far on the VM
-above. Linux only (CPU affinity); elsewhere, or with one CPU, there is nothing to measure.
+so the figures include the interpreter's loop (160-270 ns near, 390-490 ns far on those VMs,
+against 75-135 and 350-430 in C). Linux only (CPU affinity); elsewhere, or with one CPU,
+there is nothing to measure.
 """
 from __future__ import annotations
 
@@ -25,19 +25,23 @@ import time
 ROUND_TRIPS = 2000  # per burst: about 1 ms
 BURSTS = 5  # per probe; the fastest counts, as a burst the scheduler interrupts runs long
 BURST_LIMIT_S = 0.02  # a busy CPU can hold each round trip for a time slice: stop early
+PROBE_LIMIT_S = 1.0  # past this, a probe gives up (the responder is stuck or gone)
 PING, PONG, READY, STOP, STOPPED = 1, 0, 4, 3, 5  # the shared byte's values
 
 
-def pong(path: str, cpu: int) -> None:
-    """The far side, in its own process: for each byte read from stdin, answer pings (byte
-    PING -> PONG) until STOP; exit at end of input."""
+def respond(fd: int, cpu: int) -> None:
+    """The responder, in its own process: for each byte read from stdin, answer pings (byte
+    PING -> PONG) until STOP or PROBE_LIMIT_S; exit at the end of its input."""
     os.sched_setaffinity(0, {cpu})
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 64) as flag:
+    with mmap.mmap(fd, 64) as flag:
         while sys.stdin.buffer.read(1):
             flag[0] = READY
+            deadline = time.perf_counter() + PROBE_LIMIT_S
             while (value := flag[0]) != STOP:
                 if value == PING:
                     flag[0] = PONG
+                elif time.perf_counter() > deadline:
+                    break
             flag[0] = STOPPED
 
 
@@ -51,65 +55,93 @@ class CoreDistance:
     def __init__(self) -> None:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.cpus = tuple(cpus[:2])
-        self._pong = None
+        self._flag: mmap.mmap | None = None
+        self._responder: subprocess.Popen | None = None
 
     def __enter__(self) -> "CoreDistance":
-        if len(self.cpus) == 2:
-            fd, self._path = tempfile.mkstemp(prefix="core_distance_")
-            os.write(fd, bytes(64))
-            os.close(fd)
-            self._file = open(self._path, "r+b")
-            self._flag = mmap.mmap(self._file.fileno(), 64)
-            self._pong = subprocess.Popen([sys.executable, __file__, "--pong", self._path,
-                                           str(self.cpus[1])], stdin=subprocess.PIPE)
+        if len(self.cpus) < 2:
+            return self
+        with tempfile.TemporaryFile() as shared:  # unlinked already: nothing left behind
+            shared.write(bytes(64))
+            shared.flush()
+            self._flag = mmap.mmap(shared.fileno(), 64)
+            try:
+                self._responder = subprocess.Popen(
+                    [sys.executable, __file__, "--respond", str(shared.fileno()),
+                     str(self.cpus[1])], stdin=subprocess.PIPE, pass_fds=(shared.fileno(),))
+            except OSError:
+                self._flag.close()
+                self._flag = None
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pong is None:
+        if self._responder is None:
             return
-        self._pong.stdin.close()
-        self._pong.wait(timeout=10)
-        self._flag.close()
-        self._file.close()
-        os.unlink(self._path)
-        self._pong = None
+        try:
+            self._flag[0] = STOP  # in case a probe was cut short
+            self._responder.stdin.close()
+            self._responder.wait(timeout=PROBE_LIMIT_S + 1)
+        except (OSError, subprocess.TimeoutExpired):
+            self._responder.kill()
+        finally:
+            self._flag.close()
+            self._responder = self._flag = None
 
     def round_trip_ns(self) -> float | None:
         """The fastest of BURSTS bursts of ROUND_TRIPS round trips (fewer past BURST_LIMIT_S),
-        ns per round trip."""
-        if self._pong is None:
+        ns per round trip; None where it cannot be measured."""
+        if self._responder is None:
             return None
-        flag = self._flag
         affinity = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {self.cpus[0]})  # this thread only
         try:
-            self._pong.stdin.write(b"g")
-            self._pong.stdin.flush()
-            while flag[0] != READY:
-                if self._pong.poll() is not None:
-                    return None
-                time.sleep(0)
-            best = float("inf")
-            for _ in range(BURSTS):
-                start, done = time.perf_counter(), 0
-                while done < ROUND_TRIPS and time.perf_counter() - start < BURST_LIMIT_S:
-                    for _ in range(10):
-                        flag[0] = PING
-                        while flag[0] == PING:
-                            pass
-                    done += 10
-                best = min(best, (time.perf_counter() - start) / done * 1e9)
-            flag[0] = STOP
-            while flag[0] != STOPPED:
-                time.sleep(0)
-            return best
+            return self._probe(self._flag, time.perf_counter() + PROBE_LIMIT_S)
+        except (OSError, TimeoutError):  # the responder is gone or stuck
+            return None
         finally:
             os.sched_setaffinity(0, affinity)
 
+    def _probe(self, flag: mmap.mmap, deadline: float) -> float:
+        def wait_for(value: int) -> None:
+            while flag[0] != value:
+                if time.perf_counter() > deadline or self._responder.poll() is not None:
+                    raise TimeoutError
+                time.sleep(0)
+
+        self._responder.stdin.write(b"g")
+        self._responder.stdin.flush()
+        wait_for(READY)
+        best = float("inf")
+        for _ in range(BURSTS):
+            start, done = time.perf_counter(), 0
+            while done < ROUND_TRIPS and time.perf_counter() - start < BURST_LIMIT_S:
+                for _ in range(10):  # the clock read costs more than a round trip
+                    flag[0] = PING
+                    while flag[0] == PING:
+                        if time.perf_counter() > deadline:
+                            raise TimeoutError
+                    done += 1
+            best = min(best, (time.perf_counter() - start) / done * 1e9)
+        flag[0] = STOP
+        wait_for(STOPPED)
+        return best
+
+
+def placements(distances: list[float]) -> list[list[int]]:
+    """The indices of `distances` grouped by placement, nearest first: two groups, split at
+    the geometric mean of the fastest and slowest probe, when the slowest is over 1.7x the
+    fastest, else one. (On the VMs above, probes in one placement spread up to 1.4x, and a
+    run that saw both spans 1.9x or more.)"""
+    fastest, slowest = min(distances), max(distances)
+    if slowest <= 1.7 * fastest:
+        return [list(range(len(distances)))]
+    cut = (fastest * slowest) ** 0.5
+    return [[i for i, d in enumerate(distances) if (d > cut) == far] for far in (False, True)]
+
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--pong"]:
-        pong(sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1:2] == ["--respond"]:
+        respond(int(sys.argv[2]), int(sys.argv[3]))
     else:
         with CoreDistance() as probe:
             print(f"CPUs {probe.cpus}: cache-line round trip, ns")

@@ -3,7 +3,8 @@
     python bench/train_step.py [--dataset mnist|cifar10] [--device cpu|cuda|gpu]
                                [--compile] [--quantizer] [--quick] [--json OUT]
 
-(Run it as a script: it imports bench/quantizer.py from beside itself.)
+(Run it as a script: it imports bench/quantizer.py and bench/core_distance.py from beside
+itself.)
 
 Variants, timed in interleaved windows (A, B, C, A, B, C, ...) after a warm-up; each window
 runs `--steps` optimizer steps and syncs once, as the trainers do between log points, and
@@ -26,15 +27,16 @@ The Flax / PyTorch-eager ratio is printed twice: of the two medians, and round b
 of a ratio near 1.0 is the machine's noise. Each window also counts the process's CPU time
 (all threads) and context switches, printed per step as `cores` (CPU time over wall time)
 and `switches`: how each twin's runtime uses the cores it has (a twin's windows run with the
-other idle). On a CPU, each round starts by measuring how far apart two of the process's
-CPUs are (bench/core_distance.py), and the round-by-round ratio is given again for each
-placement seen: on a virtual machine whose host moves the vCPUs, the Flax step moves with
-it. Prints tables and writes JSON (every window's seconds included); a measurement, never a
-test.
+other idle). On a CPU, each timed window follows a measurement of how far apart two of
+the process's CPUs are (bench/core_distance.py), and the round-by-round ratio is given again
+for each placement seen: on a virtual machine whose host moves the vCPUs, the Flax step
+moves with them. Prints tables and writes JSON (every window's seconds and probe included);
+a measurement, never a test.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,11 +49,11 @@ try:
 except ImportError:
     resource = None
 
+import core_distance  # bench/core_distance.py, beside this script
 import jax
 import numpy as np
 import quantizer  # bench/quantizer.py, beside this script
 import torch
-from core_distance import CoreDistance  # bench/core_distance.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from vqvae_common import data, host_memory
@@ -104,24 +106,25 @@ def process_usage() -> Usage:
 
 
 def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: int,
-            before_round: Callable[[], None] = lambda: None
+            before_window: Callable[[str], None] = lambda name: None
             ) -> tuple[dict[str, list[float]], dict[str, list[Usage]]]:
     """Seconds of each window of `per_window` steps, and the process's CPU time and context
-    switches over each; `before_round` runs before each round. Before a twin's windows in
-    each round, one untimed window of its own, so that no timed window pays for the switch
-    from the other framework's, which a training run never makes: the first Flax window
-    after PyTorch's measured 5-13% slower than the next (both presets), the same two alone
-    equal (MNIST 143.4 and 143.6 ms). Variants named "<twin>+..." belong to <twin>."""
+    switches over each; `before_window(name)` runs just before each timed window. Before a
+    twin's windows in each round, one untimed window of its own, so that no timed window
+    pays for the switch from the other framework's, which a training run never makes: the
+    first Flax window after PyTorch's measured 5-13% slower than the next (both presets),
+    the same two alone equal (MNIST 143.4 and 143.6 ms). Variants named "<twin>+..." belong
+    to <twin>."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     usage: dict[str, list[Usage]] = {name: [] for name in steps}
     for _ in range(windows):
-        before_round()
         previous = None
         for name, run_steps in steps.items():
             twin = name.split("+")[0]
             if twin != previous:
                 run_steps(per_window)
                 previous = twin
+            before_window(name)
             before, start = process_usage(), time.perf_counter()
             run_steps(per_window)
             times[name].append(time.perf_counter() - start)
@@ -136,14 +139,16 @@ def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
     return np.array(times[a]) / np.array(times[b])
 
 
-def by_placement(distances: list[float], values: np.ndarray
-                 ) -> list[tuple[list[float], np.ndarray]]:
-    """values grouped by the round trip measured before their round: near (within 1.5x of
-    the fastest round trip) and far (the rest), whichever occur. On the 2-core VMs the two
-    placements differ 2x and the Flax step moves with them (bench/core_distance.py)."""
-    far = np.array(distances) > 1.5 * min(distances)
-    return [([d for d, f in zip(distances, far) if f == side], values[far == side])
-            for side in (False, True) if (far == side).any()]
+def print_by_placement(rounds: np.ndarray, distances: list[float], cpus: tuple[int, ...]
+                       ) -> None:
+    """The round-by-round ratio again for each placement of the CPUs, as probed just before
+    each round's Flax window: the Flax step is the one the placement moves."""
+    groups = core_distance.placements(distances)
+    print(f"flax_jit / torch_eager by round, by the placement of CPUs {cpus} "
+          f"(bench/core_distance.py, probed before each Flax window): " + "; ".join(
+              f"{label} ({min(distances[i] for i in g):.0f}-{max(distances[i] for i in g):.0f}"
+              f" ns) median {np.median(rounds[g]):.2f} over {len(g)}"
+              for label, g in zip(("near", "far") if len(groups) == 2 else ("all",), groups)))
 
 
 def window(twin, batches: Iterator[np.ndarray]) -> Callable[[int], None]:
@@ -198,10 +203,11 @@ def main() -> None:
     for name, twin in twins.items():
         steps[name] = window(twin, fixed_batches(batch))
         steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size))
-    with CoreDistance() as probe:
-        distances: list[float | None] = []
-        times, usage = measure(steps, args.windows, args.steps,
-                               lambda: distances.append(probe.round_trip_ns()))
+    distances: dict[str, list[float | None]] = {name: [] for name in steps}
+    on_cpu = args.device == "cpu"
+    with core_distance.CoreDistance() if on_cpu else contextlib.nullcontext() as probe:
+        times, usage = measure(steps, args.windows, args.steps, lambda name: distances[
+            name].append(probe.round_trip_ns() if probe else None))
 
     per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
     results = {"machine": f"{platform.processor() or platform.machine()}, "
@@ -232,15 +238,12 @@ def main() -> None:
     results["flax_over_torch_eager_step_time"] = ratio
     results["flax_over_torch_eager_by_round"] = rounds.tolist()
     results["windows_s"] = times
-    results["core_round_trip_ns_by_round"] = distances
+    results["core_round_trip_ns"] = distances  # before each window, as windows_s
     print(f"flax_jit step time / torch_eager step time = {ratio:.2f}; round by round: "
           f"median {np.median(rounds):.2f}, {rounds.min():.2f}-{rounds.max():.2f} over "
           f"{len(rounds)} rounds")
-    if args.device == "cpu" and None not in distances:
-        print(f"rounds by the placement of CPUs {probe.cpus} (cache-line round trip, "
-              f"bench/core_distance.py): " + "; ".join(
-                  f"{len(r)} at {min(d):.0f}-{max(d):.0f} ns, median {np.median(r):.2f}"
-                  for d, r in by_placement(distances, rounds)))
+    if probe and None not in distances["flax_jit"]:
+        print_by_placement(rounds, distances["flax_jit"], probe.cpus)
     if args.quantizer:
         results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:
