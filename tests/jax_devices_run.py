@@ -41,7 +41,8 @@ def run(num_devices: int, dtype: type) -> tuple[list[dict[str, float]], dict[str
 
 
 def main(out: str) -> None:
-    assert len(jax.devices("cpu")) == 2, "run with XLA_FLAGS=--xla_force_host_platform_device_count=2"
+    assert len(jax.devices("cpu")) == 2, \
+        "run with XLA_FLAGS=--xla_force_host_platform_device_count=2"
     arrays, losses = {}, {}
     for dtype in (np.float64, np.float32):
         with jax.enable_x64(dtype == np.float64):
