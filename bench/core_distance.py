@@ -9,7 +9,7 @@ says in which placement each window ran.
     python bench/core_distance.py          # ten probes, one a second
 
 Pure Python: a second process pinned to the other CPU, the two spinning on one shared byte,
-so the figures include the interpreter's loop (160-270 ns near, 390-490 ns far on those VMs,
+so the figures include the interpreter's loop (160-270 ns near, 330-490 ns far on those VMs,
 against 75-135 and 350-430 in C). Linux only (CPU affinity); elsewhere, or with one CPU,
 there is nothing to measure.
 """
@@ -128,15 +128,16 @@ class CoreDistance:
 
 
 def placements(distances: list[float]) -> list[list[int]]:
-    """The indices of `distances` grouped by placement, nearest first: two groups, split at
-    the geometric mean of the fastest and slowest probe, when the slowest is over 1.7x the
-    fastest, else one. (On the VMs above, probes in one placement spread up to 1.4x, and a
-    run that saw both spans 1.9x or more.)"""
-    fastest, slowest = min(distances), max(distances)
-    if slowest <= 1.7 * fastest:
+    """The indices of `distances` grouped by placement, nearest first: split at the largest
+    step between neighbouring sorted probes where it is over 1.35x, else one group. (On the
+    VMs above the near and far levels are 1.6x or more apart, while the probes of one level
+    step by 1.1-1.2x; two lone probes of one level can still be split.)"""
+    order = sorted(range(len(distances)), key=distances.__getitem__)
+    steps = [distances[b] / distances[a] for a, b in zip(order, order[1:])]
+    if not steps or max(steps) <= 1.35:
         return [list(range(len(distances)))]
-    cut = (fastest * slowest) ** 0.5
-    return [[i for i, d in enumerate(distances) if (d > cut) == far] for far in (False, True)]
+    cut = steps.index(max(steps)) + 1
+    return [sorted(order[:cut]), sorted(order[cut:])]
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def test_core_distance_probe_measures_and_stops_its_responder():
 
 def test_core_distance_placements_split_two_levels_and_keep_one():
     placements = import_core_distance().placements
-    # stop 36's table run: two probes near, five far
+    # stop 36's runs: two probes near and five far; five near and two far, nearer ones
     assert placements([209, 438, 226, 444, 460, 413, 388]) == [[0, 2], [1, 3, 4, 5, 6]]
+    assert placements([342, 195, 206, 199, 338, 201, 197]) == [[1, 2, 3, 5, 6], [0, 4]]
     assert placements([181, 256, 200, 230]) == [[0, 1, 2, 3]]  # near only, 1.4x spread
     assert placements([420]) == [[0]]
