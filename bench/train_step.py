@@ -27,16 +27,14 @@ The Flax / PyTorch-eager ratio is printed twice: of the two medians, and round b
 of a ratio near 1.0 is the machine's noise. Each window also counts the process's CPU time
 (all threads) and context switches, printed per step as `cores` (CPU time over wall time)
 and `switches`: how each twin's runtime uses the cores it has (a twin's windows run with the
-other idle). On a CPU, each timed window follows a measurement of how far apart two of
-the process's CPUs are (bench/core_distance.py), and the round-by-round ratio is given again
-for each placement seen: on a virtual machine whose host moves the vCPUs, the Flax step
-moves with them. Prints tables and writes JSON (every window's seconds and probe included);
-a measurement, never a test.
+other idle). On a CPU, each timed window is bracketed by measurements of how far apart two
+of the process's CPUs are (bench/core_distance.py), printed beside each round's ratio: on a
+virtual machine whose host moves the vCPUs, the Flax step moves with them. Prints tables
+and writes JSON (every window's seconds and probes included); a measurement, never a test.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -106,10 +104,11 @@ def process_usage() -> Usage:
 
 
 def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: int,
-            before_window: Callable[[str], None] = lambda name: None
-            ) -> tuple[dict[str, list[float]], dict[str, list[Usage]]]:
-    """Seconds of each window of `per_window` steps, and the process's CPU time and context
-    switches over each; `before_window(name)` runs just before each timed window. Before a
+            probe: Callable[[], float | None] = lambda: None
+            ) -> tuple[dict[str, list[float]], dict[str, list[Usage]],
+                       dict[str, list[tuple[float | None, float | None]]]]:
+    """Seconds of each window of `per_window` steps, the process's CPU time and context
+    switches over each, and `probe()` just before and after it (core_distance). Before a
     twin's windows in each round, one untimed window of its own, so that no timed window
     pays for the switch from the other framework's, which a training run never makes: the
     first Flax window after PyTorch's measured 5-13% slower than the next (both presets),
@@ -117,6 +116,7 @@ def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: i
     to <twin>."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     usage: dict[str, list[Usage]] = {name: [] for name in steps}
+    probes: dict[str, list[tuple[float | None, float | None]]] = {name: [] for name in steps}
     for _ in range(windows):
         previous = None
         for name, run_steps in steps.items():
@@ -124,12 +124,13 @@ def measure(steps: dict[str, Callable[[int], None]], windows: int, per_window: i
             if twin != previous:
                 run_steps(per_window)
                 previous = twin
-            before_window(name)
+            probed = probe()
             before, start = process_usage(), time.perf_counter()
             run_steps(per_window)
             times[name].append(time.perf_counter() - start)
             usage[name].append(Usage(*(b - a for a, b in zip(before, process_usage()))))
-    return times, usage
+            probes[name].append((probed, probe()))
+    return times, usage, probes
 
 
 def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
@@ -139,16 +140,16 @@ def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
     return np.array(times[a]) / np.array(times[b])
 
 
-def print_by_placement(rounds: np.ndarray, distances: list[float], cpus: tuple[int, ...]
-                       ) -> None:
-    """The round-by-round ratio again for each placement of the CPUs, as probed just before
-    each round's Flax window: the Flax step is the one the placement moves."""
-    groups = core_distance.placements(distances)
-    print(f"flax_jit / torch_eager by round, by the placement of CPUs {cpus} "
-          f"(bench/core_distance.py, probed before each Flax window): " + "; ".join(
-              f"{label} ({min(distances[i] for i in g):.0f}-{max(distances[i] for i in g):.0f}"
-              f" ns) median {np.median(rounds[g]):.2f} over {len(g)}"
-              for label, g in zip(("near", "far") if len(groups) == 2 else ("all",), groups)))
+def print_by_placement(rounds: np.ndarray, round_trips: list[tuple[float | None, ...]],
+                       cpus: tuple[int, ...]) -> None:
+    """Each round's ratio beside the CPUs' round trip probed before and after its Flax
+    window, sorted by the slower probe: where the host moves the vCPUs, the Flax step moves
+    with them (bench/core_distance.py). Rounds whose probe failed are left out."""
+    probed = sorted((max(pair), pair, ratio) for pair, ratio in zip(round_trips, rounds)
+                    if None not in pair)
+    print(f"flax_jit / torch_eager by round, beside the cache-line round trip between CPUs "
+          f"{cpus} before/after the Flax window: " + ", ".join(
+              f"{before:.0f}/{after:.0f} ns {ratio:.2f}" for _, (before, after), ratio in probed))
 
 
 def window(twin, batches: Iterator[np.ndarray]) -> Callable[[int], None]:
@@ -203,11 +204,9 @@ def main() -> None:
     for name, twin in twins.items():
         steps[name] = window(twin, fixed_batches(batch))
         steps[f"{name}+pipeline"] = window(twin, pipeline_batches(split, args.batch_size))
-    distances: dict[str, list[float | None]] = {name: [] for name in steps}
-    on_cpu = args.device == "cpu"
-    with core_distance.CoreDistance() if on_cpu else contextlib.nullcontext() as probe:
-        times, usage = measure(steps, args.windows, args.steps, lambda name: distances[
-            name].append(probe.round_trip_ns() if probe else None))
+    with core_distance.CoreDistance() as cores:
+        probe = cores.round_trip_ns if args.device == "cpu" else lambda: None
+        times, usage, round_trips = measure(steps, args.windows, args.steps, probe)
 
     per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
     results = {"machine": f"{platform.processor() or platform.machine()}, "
@@ -238,12 +237,12 @@ def main() -> None:
     results["flax_over_torch_eager_step_time"] = ratio
     results["flax_over_torch_eager_by_round"] = rounds.tolist()
     results["windows_s"] = times
-    results["core_round_trip_ns"] = distances  # before each window, as windows_s
+    results["core_round_trip_ns"] = round_trips  # (before, after) each window, as windows_s
     print(f"flax_jit step time / torch_eager step time = {ratio:.2f}; round by round: "
           f"median {np.median(rounds):.2f}, {rounds.min():.2f}-{rounds.max():.2f} over "
           f"{len(rounds)} rounds")
-    if probe and None not in distances["flax_jit"]:
-        print_by_placement(rounds, distances["flax_jit"], probe.cpus)
+    if any(None not in pair for pair in round_trips["flax_jit"]):
+        print_by_placement(rounds, round_trips["flax_jit"], cores.cpus)
     if args.quantizer:
         results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:
