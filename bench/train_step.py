@@ -140,8 +140,9 @@ def round_ratios(times: dict[str, list[float]], a: str, b: str) -> np.ndarray:
     return np.array(times[a]) / np.array(times[b])
 
 
-def print_by_placement(rounds: np.ndarray, round_trips: list[tuple[float | None, ...]],
-                       cpus: tuple[int, ...]) -> None:
+def print_ratio_by_round_trip(rounds: np.ndarray,
+                              round_trips: list[tuple[float | None, float | None]],
+                              cpus: tuple[int, ...]) -> None:
     """Each round's ratio beside the CPUs' round trip probed before and after its Flax
     window, sorted by the slower probe: where the host moves the vCPUs, the Flax step moves
     with them (bench/core_distance.py). Rounds whose probe failed are left out."""
@@ -242,7 +243,7 @@ def main() -> None:
           f"median {np.median(rounds):.2f}, {rounds.min():.2f}-{rounds.max():.2f} over "
           f"{len(rounds)} rounds")
     if any(None not in pair for pair in round_trips["flax_jit"]):
-        print_by_placement(rounds, round_trips["flax_jit"], cores.cpus)
+        print_ratio_by_round_trip(rounds, round_trips["flax_jit"], cores.cpus)
     if args.quantizer:
         results["quantizer"] = quantizer.sweep(args.device, args.quick)
     if args.json:
