@@ -357,6 +357,33 @@ def test_a_second_trainer_on_the_same_out_stops_at_once_and_changes_nothing(fake
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+class OtherKindTwin(FakeTwin):
+    """A FakeTwin of another kind of run: the other twin's, or a prior's."""
+
+    checkpoint_name = "other.json"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_of_another_kind_in_the_same_out_is_refused_and_changes_nothing(
+        fake_data, tmp_path, resume):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="another kind of run \\(its checkpoint: fake.json"):
+        loop.fit(OtherKindTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=resume))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_fresh_run_is_refused_where_config_json_names_no_checkpoint(fake_data, tmp_path):
+    """A run of an older version, or someone's file: which kind of run it is cannot be told."""
+    older = cfg.to_json(cfg.ModelConfig(), cfg.TrainConfig())
+    (tmp_path / "config.json").write_text(older)
+    with pytest.raises(UserError, match="names no checkpoint"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
+    assert (tmp_path / "config.json").read_text() == older
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_full_disk_on_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import torch
 

@@ -194,12 +194,11 @@ def model_config(raw: Any) -> ModelConfig:
         raise UserError(f"the checkpoint records an unknown model config {raw!r}") from e
 
 
-def to_json(model: ModelConfig, train: TrainConfig,
-            devices: dict[str, Any] | None = None) -> str:
+def to_json(model: ModelConfig, train: TrainConfig, run: dict[str, Any] | None = None) -> str:
     """config.json: the model, the training flags and, for a run, where it trained
-    (num_devices, device_kind), which from_json does not need."""
+    (num_devices, device_kind) and its checkpoint's name, which from_json does not need."""
     return json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
-                       **(devices or {})}, indent=2, sort_keys=True)
+                       **(run or {})}, indent=2, sort_keys=True)
 
 
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:

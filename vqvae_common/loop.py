@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -236,13 +237,13 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
     lock = RunLock(out) if main and os.path.isdir(out) else None
     try:
         with StopSignals() as stop:
-            _check_resume(make_twin, ckpt, train_cfg, out)
+            _check_out(make_twin, ckpt, train_cfg, out)
             train, test = task.load("train"), task.load("test")
             schedule = Schedule.of(len(train), train_cfg)
             twin = make_twin(model_cfg, train_cfg, total_steps=schedule.total)
-            devices = _devices(twin)
+            run_record = _run_record(twin, make_twin.checkpoint_name)
             if main:
-                print(f"devices: {devices['num_devices']} x {devices['device_kind']}, "
+                print(f"devices: {run_record['num_devices']} x {run_record['device_kind']}, "
                       f"global batch {train_cfg.batch_size}", file=sys.stderr)
             step = twin.load(ckpt) if train_cfg.resume else 0
             if train_cfg.init_from is not None:
@@ -255,7 +256,7 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
                 atomic.remove_leftovers(out)
                 make_twin.remove_partial_checkpoints(ckpt)
                 write_atomic(os.path.join(out, "config.json"),
-                             cfg.to_json(twin.config, train_cfg, devices))
+                             cfg.to_json(twin.config, train_cfg, run_record))
             records = (Logbook(out, resume_step=step if train_cfg.resume else None) if main
                        else _NoRecords())
             with records as logbook:
@@ -268,10 +269,12 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
             lock.release()
 
 
-def _devices(twin: Twin) -> dict[str, Any]:
-    """What config.json records of where the run trained (a prior's twin: one device)."""
+def _run_record(twin: Twin, checkpoint_name: str) -> dict[str, Any]:
+    """What config.json records of the run beside its flags: where it trained (a prior's
+    twin: one device) and its checkpoint's name, which tells the kinds of run apart."""
     return {"num_devices": getattr(twin, "num_devices", 1),
-            "device_kind": getattr(twin, "device_kind", str(getattr(twin, "device", "")))}
+            "device_kind": getattr(twin, "device_kind", str(getattr(twin, "device", ""))),
+            "checkpoint": checkpoint_name}
 
 
 class _NoRecords:
@@ -436,12 +439,21 @@ class _Run:
         return record
 
 
-def _check_resume(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
-                  out: str) -> None:
-    """--resume needs a complete checkpoint, and a fresh run must not overwrite one."""
+def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
+               out: str) -> None:
+    """--resume needs a complete checkpoint of this twin's kind; a fresh run must not write
+    over a checkpoint, nor over the records of a run of another kind (the other twin, or a
+    prior in a VQ-VAE's --out), which config.json names by its checkpoint."""
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
+    recorded, ours = _recorded_checkpoint(out), make_twin.checkpoint_name
+    if recorded and recorded != ours:
+        raise UserError(f"{out} holds another kind of run (its checkpoint: {recorded}, this "
+                        f"trainer's: {ours}): choose another --out")
+    if recorded == "" and not train_cfg.resume:
+        raise UserError(f"{out} holds a config.json that names no checkpoint (a run of an "
+                        f"older version, or not a trainer's file): choose another --out")
     complete = make_twin.has_checkpoint(ckpt)
     if train_cfg.resume and not complete:
         raise UserError(f"--resume: {out} holds no complete checkpoint to resume from; run "
@@ -449,3 +461,18 @@ def _check_resume(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
+
+
+def _recorded_checkpoint(out: str) -> str | None:
+    """The checkpoint name that `out`'s config.json records, which tells the kind of run that
+    wrote it; None without a config.json, "" for one that records none."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    name = record.get("checkpoint") if isinstance(record, dict) else None
+    return name if isinstance(name, str) else ""
