@@ -57,8 +57,11 @@ def run(argv: Sequence[str] | None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-torch", metavar="FILE", help="a train_torch.py checkpoint.pt")
     source.add_argument("--from-jax", metavar="DIR", help="a train_jax.py checkpoint directory")
-    parser.add_argument("--out", required=True, help="where to write the converted checkpoint")
+    parser.add_argument("--out", required=True,
+                        help="where to write the converted checkpoint (a new path: an existing "
+                             "file or directory is never written over)")
     args = parser.parse_args(argv)
+    cli.check_output_file(args.out, "--out", overwrite=False)
     if args.from_torch:
         torch_to_flax(args.from_torch, args.out)
     else:

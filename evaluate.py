@@ -79,6 +79,8 @@ def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.Mod
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
+    if args.json:
+        cli.check_output_file(args.json, "--json")
     if os.path.isfile(args.checkpoint):
         from vqvae_torch.train import TorchTwin as Twin
     elif os.path.isdir(args.checkpoint):

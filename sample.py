@@ -36,6 +36,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    cli.check_output_file(args.out, "--out")
     if os.path.isfile(args.prior):
         from vqvae_torch.prior_train import TorchPriorTwin as Twin
     elif os.path.isdir(args.prior):

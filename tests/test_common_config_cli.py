@@ -217,3 +217,22 @@ def test_main_turns_a_user_error_from_fit_into_status_2(capsys):
 
     assert cli.main("torch", fit, []) == 2
     assert capsys.readouterr().err == "error: no data here\n"
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for path, reason in [(tmp_path / "file" / "e.json", "is not a directory"),
+                         (tmp_path / "nodir" / "e.json", "is not a directory"),
+                         (tmp_path, "it is a directory")]:
+        with pytest.raises(UserError, match=f"cannot write --json {path}: .*{reason}"):
+            cli.check_output_file(str(path), "--json")
+    cli.check_output_file(str(tmp_path / "file"), "--json")  # written over: allowed
+    with pytest.raises(UserError, match="it exists, and is never written over"):
+        cli.check_output_file(str(tmp_path / "file"), "--out", overwrite=False)
+
+
+def test_evaluate_checks_its_json_path_first(evaluate, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt"),
+                          "--json", str(tmp_path / "file" / "e.json")]) == 2
+    assert "cannot write --json" in capsys.readouterr().err

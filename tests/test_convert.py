@@ -187,6 +187,17 @@ def test_cli_write_failure_exits_2_with_one_line(tmp_path, converted, convert_cl
     assert "cannot write" in run.stderr
 
 
+def test_an_existing_out_is_never_written_over(converted, capsys):
+    _, ckpt, flax_dir = converted
+    before = {p: p.read_bytes() for p in flax_dir.rglob("*") if p.is_file()}
+    for argv in (["--from-torch", str(ckpt), "--out", str(flax_dir)],
+                 ["--from-jax", str(flax_dir), "--out", str(ckpt)]):
+        assert convert.main(argv) == 2
+        assert "is never written over" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in flax_dir.rglob("*") if p.is_file()} == before
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+
 def _bad_inputs(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint\n" * 20)

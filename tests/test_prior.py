@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import sample
 import train_jax
 import train_torch
 from vqvae_common import config as cfg
@@ -119,3 +120,8 @@ def test_a_tiny_prior_trains_resumes_and_samples(framework, tiny_data, tmp_path)
     assert twin.config.num_codes == 16 and twin.config.num_classes == 10
     with pytest.raises(UserError, match="holds a PixelCNN prior, not a VQ-VAE"):
         Twin.from_checkpoint(str(tmp_path / "run" / PriorTwin.checkpoint_name))
+    # sample.py on it: a grid, or one line before any work where --out cannot be written
+    checkpoint = str(tmp_path / "run" / PriorTwin.checkpoint_name)
+    assert sample.main(["--prior", checkpoint, "--num", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert sample.main(["--prior", checkpoint, "--out", str(tmp_path / "s.png" / "x.png")]) == 2

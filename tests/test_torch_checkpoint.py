@@ -32,6 +32,22 @@ def test_truncated_checkpoint_is_a_user_error(tmp_path, keep):
         TORCH.make().load(str(path))
 
 
+@pytest.mark.parametrize("garbage", [b"hello\n", b"a", b"}a.", b"Xab"])
+def test_a_short_garbage_file_is_a_user_error(tmp_path, garbage):
+    """The weights-only unpickler's own parse errors (KeyError, IndexError, struct.error)."""
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(garbage)
+    with pytest.raises(UserError, match="not a PyTorch checkpoint"):
+        checkpoint.load(str(path), CPU)
+
+
+def test_a_missing_file_or_a_directory_is_a_user_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match="No such file"):
+        checkpoint.load(str(tmp_path / "nope.pt"), CPU)
+    with pytest.raises(UserError, match="a directory"):
+        checkpoint.load(str(tmp_path), CPU)
+
+
 class _Payload:
     marker = ""
 

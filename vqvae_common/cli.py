@@ -149,6 +149,23 @@ def parse_prior(framework: str, argv: Sequence[str] | None = None
     return prior.PriorConfig(**model_flags), cfg.TrainConfig(**args)
 
 
+def check_output_file(path: str, flag: str, overwrite: bool = True) -> None:
+    """A UserError, before any work is done, where `path` cannot be written: its directory
+    missing or not writable, `path` a directory, or (unless `overwrite`) `path` there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    reason = None
+    if not os.path.isdir(directory):
+        reason = f"{directory} is not a directory"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        reason = f"{directory} is not writable"
+    elif os.path.isdir(path) and overwrite:
+        reason = "it is a directory"
+    elif os.path.lexists(path) and not overwrite:
+        reason = "it exists, and is never written over: remove it or choose another"
+    if reason is not None:
+        raise UserError(f"cannot write {flag} {path}: {reason}")
+
+
 def one_line(error: Exception) -> str:
     """The message with every run of whitespace, newlines included, made one space."""
     return " ".join(str(error).split())

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -53,10 +51,15 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
          kind: str = "vqvae") -> tuple[CheckpointRecord, dict[str, Any]]:
     """The checkpoint's record and payload, refused unless it is a PyTorch one of a `kind`
     model (of `config`, if given)."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot load {path}: not a PyTorch checkpoint file but a directory (a "
+                        f"Flax checkpoint? python convert.py converts one)")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+    except Exception as e:  # the weights-only unpickler raises whatever its parse hits
+        # (UnpicklingError, KeyError, IndexError, struct.error, BadZipFile, ...)
         raise UserError(f"cannot load {path}: not a PyTorch checkpoint of this project, "
                         f"or truncated/corrupt ({type(e).__name__})") from e
     holds_optimizer = isinstance(payload, dict) and "optimizer" in payload
