@@ -29,7 +29,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "records it)")
     p.add_argument("--num", type=int, default=100, action=cli.InBounds, bounds=(1, 10_000),
                    help="images to sample (default: 100)")
-    cli.add_flag(p, config.TrainConfig, "seed")
+    cli.add_flag(p, config.TrainConfig, "seed",
+                 help_text="seed of the Gumbel noise that draws each code")
     cli.add_flag(p, config.TrainConfig, "device")
     p.add_argument("--out", default="samples.png", help="the grid PNG (default: samples.png)")
     return p.parse_args(argv)

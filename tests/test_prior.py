@@ -3,6 +3,7 @@ training run of each twin through the shared loop."""
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_a_users_mistake_is_one_line_and_exit_2(argv, message, capsys, tmp_path,
 # PyTorch only: the Flax run compiles five functions twice (70 s on a busy 2-core CPU); the
 # Flax step and sampler are held to PyTorch's by parity_tests/test_prior.py
 @pytest.mark.parametrize("framework", ["torch"])
-def test_a_tiny_prior_trains_resumes_and_samples(framework, tiny_data, tmp_path):
+def test_a_tiny_prior_trains_resumes_and_samples(framework, tiny_data, tmp_path, capsys):
     if framework == "torch":
         from vqvae_torch.prior_train import TorchPriorTwin as PriorTwin
         from vqvae_torch.train import TorchTwin as Twin
@@ -125,3 +126,9 @@ def test_a_tiny_prior_trains_resumes_and_samples(framework, tiny_data, tmp_path)
     assert sample.main(["--prior", checkpoint, "--num", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert sample.main(["--prior", checkpoint, "--out", str(tmp_path / "s.png" / "x.png")]) == 2
+    os.rename(vqvae, vqvae + ".moved")  # the VQ-VAE the prior records is gone: --vqvae
+    capsys.readouterr()
+    assert sample.main(["--prior", checkpoint, "--out", str(tmp_path / "s.png")]) == 2
+    assert "which is not there: pass --vqvae" in capsys.readouterr().err
+    assert sample.main(["--prior", checkpoint, "--vqvae", vqvae + ".moved", "--num", "1",
+                        "--out", str(tmp_path / "s.png")]) == 0

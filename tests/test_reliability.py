@@ -300,7 +300,7 @@ def test_a_nan_between_log_points_is_caught_before_any_save(fake_data, tmp_path,
 
 
 def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
     monkeypatch.setattr(FakeTwin, "signal_at", 6)  # not a logged step, not a checkpoint's
     handler = signal.getsignal(signal.SIGTERM)
     train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, log_every=4,
@@ -315,6 +315,11 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp
     loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
     assert [r["step"] for r in rows(tmp_path)] == [4, 8, 12, 16, 16]
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
+
+    capsys.readouterr()
+    loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
+    assert "holds step 16, where this run ends: nothing to train" in capsys.readouterr().err
+    assert [r["step"] for r in rows(tmp_path)] == [4, 8, 12, 16, 16]
 
 
 class GroupingTwin(FakeTwin):

@@ -55,12 +55,12 @@ def flag_fields(config_class: type) -> list[dataclasses.Field]:
 
 def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_class: type,
              name: str, option: str | None = None, default: Any = dataclasses.MISSING,
-             default_text: str | None = None) -> None:
+             default_text: str | None = None, help_text: str | None = None) -> None:
     """Add the flag of `config_class`'s field `name` (as `option`, by default --field-name),
-    with the field's type, default, help, choices and bounds. `default` and `default_text`
-    replace the field's default and how `--help` shows it."""
+    with the field's type, default, help, choices and bounds. `default`, `default_text` and
+    `help_text` replace the field's default, how `--help` shows it, and its help."""
     field = next(f for f in flag_fields(config_class) if f.name == name)
-    help_text, bounds = field.metadata["help"], field.metadata["bounds"]
+    help_text, bounds = help_text or field.metadata["help"], field.metadata["bounds"]
     option = option or "--" + name.replace("_", "-")
     kind = typing.get_type_hints(config_class)[name]
     if kind is bool:
@@ -91,7 +91,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
         prog=f"train_{framework}.py",
         description=f"Train a VQ-VAE (van den Oord et al. 2017) in {framework} on MNIST or "
                     "CIFAR-10. Writes config.json, metrics.jsonl, TensorBoard events, a "
-                    "checkpoint, reconstruction.png and interpolation.gif into --out.",
+                    "checkpoint, reconstruction.png, interpolation.gif and loss_curves.png "
+                    "into --out.",
         epilog=f"train_{framework}.py prior --help: train a PixelCNN prior over the codes of "
                "a trained VQ-VAE")
     training = p.add_argument_group("training")
@@ -117,6 +118,9 @@ def parse(framework: str, argv: Sequence[str] | None = None
 PRIOR_TRAIN_FLAGS = ("dataset", "data_dir", "epochs", "max_steps", "batch_size",
                      "eval_images", "eval_batch_size", "lr", "lr_schedule", "seed", "out",
                      "device", "resume", "log_every", "checkpoint_every")
+# ... and where its help differs from a VQ-VAE's
+PRIOR_HELP = {"dataset": "dataset whose images the VQ-VAE encodes",
+              "lr": "Adam learning rate (of the first step, under --lr-schedule cosine)"}
 
 
 def build_prior_parser(framework: str) -> argparse.ArgumentParser:
@@ -130,7 +134,7 @@ def build_prior_parser(framework: str) -> argparse.ArgumentParser:
     training = p.add_argument_group("training")
     for name in PRIOR_TRAIN_FLAGS:
         add_flag(training, cfg.TrainConfig, name, default=prior.TRAIN_DEFAULTS.get(
-            name, dataclasses.MISSING))
+            name, dataclasses.MISSING), help_text=PRIOR_HELP.get(name))
     model = p.add_argument_group("prior")
     for field in flag_fields(prior.PriorConfig):
         add_flag(model, prior.PriorConfig, field.name)

@@ -127,7 +127,8 @@ class TrainConfig:
     seed: int = flag(0, "random seed of the initial weights and of the data order",
                      (0, 2**32 - 1))
     out: str = flag("runs/latest", "output directory")
-    device: str = flag("auto", "auto (an accelerator when present), cpu, cuda or gpu")
+    device: str = flag("auto", "auto (an accelerator when present), cpu, cuda or gpu (and "
+                               "tpu, for the Flax twin)")
     num_devices: int | None = flag(
         None, "devices that share each step, data-parallel over the global --batch-size: "
               "JAX takes the first N of --device's kind, PyTorch needs N processes under "

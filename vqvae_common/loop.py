@@ -250,6 +250,9 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
                 twin.init_weights(train_cfg.init_from)
             train, test = task.start(twin, train, test, train_cfg.resume)
             if main:
+                if step >= schedule.total:  # a start that only finishes the clean-up below
+                    print(f"{ckpt} holds step {step}, where this run ends: nothing to train "
+                          f"(raise --epochs or --max-steps to go on)", file=sys.stderr)
                 if lock is None:
                     prepare_out_dir(out)
                     lock = RunLock(out)

@@ -95,6 +95,15 @@ def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str) -
     return dataclasses.replace(prior_cfg, dataset=dataset, num_codes=vqvae_cfg.num_codes)
 
 
+def decoding_vqvae(recorded: PriorConfig, vqvae: str | None, prior_path: str) -> PriorConfig:
+    """The saved prior's config over the VQ-VAE it decodes with: `vqvae` where given, else
+    the one its checkpoint records, which must still be there."""
+    if vqvae is None and not os.path.exists(recorded.vqvae):
+        raise UserError(f"{prior_path} was trained over the VQ-VAE at {recorded.vqvae}, which "
+                        f"is not there: pass --vqvae")
+    return dataclasses.replace(recorded, vqvae=vqvae or recorded.vqvae)
+
+
 def masks(kernel_size: int, first: bool) -> tuple[np.ndarray, np.ndarray]:
     """The 0/1 float32 masks of one gated layer's convolutions, centre c = k // 2:
     (vertical (k, k), horizontal (1, k)).

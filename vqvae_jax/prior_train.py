@@ -7,7 +7,6 @@ old state's buffers donated; the sampler one jitted fori_loop over the positions
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -89,7 +88,7 @@ class JaxPriorTwin:
         sample."""
         record = checkpoint.read_record(path, kind="prior")
         recorded = record.model_config
-        config = dataclasses.replace(recorded, vqvae=vqvae or recorded.vqvae)
+        config = common.decoding_vqvae(recorded, vqvae, path)
         twin = cls(config, TrainConfig(device=device, dataset=config.dataset,
                                        lr_schedule=record.lr_schedule))
         _, state = checkpoint.load(path, recorded, twin.state, kind="prior")

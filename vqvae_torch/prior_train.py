@@ -3,7 +3,6 @@ vqvae_common.loop.fit drives with vqvae_common.prior.PriorTask. Mirrors
 vqvae_jax/prior_train.py."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -56,8 +55,7 @@ class TorchPriorTwin:
         """The prior saved in `path`, over the VQ-VAE it records (or `vqvae`), ready to
         sample."""
         record, payload = checkpoint.load(path, select_device(device), kind="prior")
-        config = dataclasses.replace(record.model_config, vqvae=vqvae or
-                                     record.model_config.vqvae)
+        config = common.decoding_vqvae(record.model_config, vqvae, path)
         twin = cls(config, TrainConfig(device=device, dataset=config.dataset))
         checkpoint.load_weights(twin.model, payload["model"], path)
         return twin
