@@ -236,3 +236,9 @@ def test_evaluate_checks_its_json_path_first(evaluate, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt"),
                           "--json", str(tmp_path / "file" / "e.json")]) == 2
     assert "cannot write --json" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_runs_directory_names_the_checkpoint_in_it(evaluate, tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert evaluate.main(["--checkpoint", str(tmp_path)]) == 2
+    assert f"pass --checkpoint {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().err

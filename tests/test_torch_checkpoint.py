@@ -41,6 +41,15 @@ def test_a_short_garbage_file_is_a_user_error(tmp_path, garbage):
         checkpoint.load(str(path), CPU)
 
 
+@pytest.mark.parametrize("payload", [[1, 2], torch.zeros(2), {"conv.weight": torch.zeros(2)}])
+def test_a_file_of_tensors_that_no_trainer_wrote_is_foreign_not_to_convert(tmp_path, payload):
+    path = tmp_path / "foreign.pt"
+    torch.save(payload, path)
+    with pytest.raises(UserError, match="foreign checkpoint, not one of this project") as error:
+        checkpoint.load(str(path), CPU)
+    assert "convert" not in str(error.value)
+
+
 def test_a_missing_file_or_a_directory_is_a_user_error_naming_it(tmp_path):
     with pytest.raises(UserError, match="No such file"):
         checkpoint.load(str(tmp_path / "nope.pt"), CPU)

@@ -73,6 +73,9 @@ def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool,
                                 int(raw["step"]),
                                 bool(raw.get("weights_only")) or not holds_optimizer, kind,
                                 raw.get("lr_schedule", "constant"))
-    found = declared if declared in FRAMEWORK_NAMES and declared != framework else "foreign"
-    raise UserError(f"{path} is a {found} checkpoint, not a {FRAMEWORK_NAMES[framework]} "
-                    f"checkpoint of this project; convert it first (python convert.py)")
+    if declared in FRAMEWORK_NAMES and declared != framework:
+        raise UserError(f"{path} is a {declared} checkpoint, not a "
+                        f"{FRAMEWORK_NAMES[framework]} checkpoint; convert it first (python "
+                        f"convert.py)")
+    raise UserError(f"{path} is a foreign checkpoint, not one of this project (it lacks the "
+                    f"record of framework, model config and step that its trainers write)")

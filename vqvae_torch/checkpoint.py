@@ -57,7 +57,8 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+        raise UserError(f"cannot load {path}: not a PyTorch checkpoint file "
+                        f"({e.strerror or e})") from e
     except Exception as e:  # the weights-only unpickler raises whatever its parse hits
         # (UnpicklingError, KeyError, IndexError, struct.error, BadZipFile, ...)
         raise UserError(f"cannot load {path}: not a PyTorch checkpoint of this project, "
