@@ -379,6 +379,16 @@ def test_a_run_of_another_kind_in_the_same_out_is_refused_and_changes_nothing(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("flag,value", [("batch_size", 8), ("seed", 1)])
+def test_a_resume_with_another_data_order_is_refused(fake_data, tmp_path, flag, value):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, max_steps=5)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    changed = dataclasses.replace(train_cfg, resume=True, max_steps=None, **{flag: value})
+    option = "--" + flag.replace("_", "-")
+    with pytest.raises(UserError, match=f"was trained with {option} {getattr(train_cfg, flag)}"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), changed)
+
+
 def test_a_fresh_run_is_refused_where_config_json_names_no_checkpoint(fake_data, tmp_path):
     """A run of an older version, or someone's file: which kind of run it is cannot be told."""
     older = cfg.to_json(cfg.ModelConfig(), cfg.TrainConfig())

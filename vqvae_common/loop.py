@@ -444,17 +444,19 @@ class _Run:
 
 def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                out: str) -> None:
-    """--resume needs a complete checkpoint of this twin's kind; a fresh run must not write
-    over a checkpoint, nor over the records of a run of another kind (the other twin, or a
-    prior in a VQ-VAE's --out), which config.json names by its checkpoint."""
+    """--resume needs a complete checkpoint of this twin's kind, and the flags that fix the
+    data order; a fresh run must not write over a checkpoint, nor over the records of a run
+    of another kind (the other twin, or a prior in a VQ-VAE's --out), which config.json
+    names by its checkpoint."""
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
-    recorded, ours = _recorded_checkpoint(out), make_twin.checkpoint_name
-    if recorded and recorded != ours:
-        raise UserError(f"{out} holds another kind of run (its checkpoint: {recorded}, this "
+    recorded, ours = _recorded_run(out), make_twin.checkpoint_name
+    name = recorded.get("checkpoint") if recorded is not None else ours
+    if isinstance(name, str) and name != ours:
+        raise UserError(f"{out} holds another kind of run (its checkpoint: {name}, this "
                         f"trainer's: {ours}): choose another --out")
-    if recorded == "" and not train_cfg.resume:
+    if not isinstance(name, str) and not train_cfg.resume:
         raise UserError(f"{out} holds a config.json that names no checkpoint (a run of an "
                         f"older version, or not a trainer's file): choose another --out")
     complete = make_twin.has_checkpoint(ckpt)
@@ -464,11 +466,16 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
+    flags = recorded.get("train") if train_cfg.resume and recorded else None
+    for flag in ("dataset", "batch_size", "seed"):  # the data order the steps replay
+        if isinstance(flags, dict) and flag in flags and flags[flag] != getattr(train_cfg, flag):
+            option = "--" + flag.replace("_", "-")
+            raise UserError(f"--resume: {out} was trained with {option} {flags[flag]}; resume "
+                            f"it with that one")
 
 
-def _recorded_checkpoint(out: str) -> str | None:
-    """The checkpoint name that `out`'s config.json records, which tells the kind of run that
-    wrote it; None without a config.json, "" for one that records none."""
+def _recorded_run(out: str) -> dict[str, Any] | None:
+    """`out`'s config.json; None where there is none, {} where it is not a JSON object."""
     path = os.path.join(out, "config.json")
     if not os.path.isfile(path):
         return None
@@ -476,6 +483,5 @@ def _recorded_checkpoint(out: str) -> str | None:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError):
-        return ""
-    name = record.get("checkpoint") if isinstance(record, dict) else None
-    return name if isinstance(name, str) else ""
+        return {}
+    return record if isinstance(record, dict) else {}
