@@ -280,7 +280,7 @@ class VectorQuantizer(nnx.Module):
       and restart that way whenever the codebook is set (k-means, a dead-code restart).
 
     Dead codes. A code that no encoder vector picks never moves (under "ema" it shrinks); from
-    the uniform(-1/K, 1/K) start most codes die within the first epoch (MNIST: 5% of 512
+    the uniform(-1/K, 1/K) start most codes die within the first epoch (MNIST: 7% of 512
     used after one epoch). In train mode the quantizer keeps the moving average of each
     code's share of the vectors, u_k <- decay u_k + (1 - decay) count_k / N (u = 0 at
     start), and `restart_dead_codes` moves each code with u_k < restart_below / K onto an
