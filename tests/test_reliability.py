@@ -389,6 +389,16 @@ def test_a_resume_with_another_data_order_is_refused(fake_data, tmp_path, flag, 
         loop.fit(FakeTwin, cfg.ModelConfig(), changed)
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(loop.data, "load", unread)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "file")))
+
+
 def test_a_fresh_run_is_refused_where_config_json_names_no_checkpoint(fake_data, tmp_path):
     """A run of an older version, or someone's file: which kind of run it is cannot be told."""
     older = cfg.to_json(cfg.ModelConfig(), cfg.TrainConfig())

@@ -39,10 +39,13 @@ class CheckpointRecord:
 
     def check_config(self, config: ModelConfig | PriorConfig, path: str) -> None:
         """Refuse a checkpoint of another model config (trained with other flags)."""
-        if self.model_config != config:
-            raise UserError(f"{path} holds a model with config "
-                            f"{dataclasses.asdict(self.model_config)}, "
-                            f"not {dataclasses.asdict(config)}")
+        held, wanted = dataclasses.asdict(self.model_config), dataclasses.asdict(config)
+        if held != wanted:
+            differ = ", ".join(f"{key} {held.get(key)} (not {wanted.get(key)})"
+                               for key in sorted(held.keys() | wanted.keys())
+                               if held.get(key) != wanted.get(key))
+            raise UserError(f"{path} holds a model with config {differ}: trained with other "
+                            f"flags")
 
     def check_resumable(self, path: str, lr_schedule: str) -> None:
         """Refuse to resume a weights-only checkpoint, or one trained with another

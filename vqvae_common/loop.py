@@ -451,6 +451,8 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a directory")
     recorded, ours = _recorded_run(out), make_twin.checkpoint_name
     name = recorded.get("checkpoint") if recorded is not None else ours
     if isinstance(name, str) and name != ours:
