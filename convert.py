@@ -11,6 +11,7 @@ it into its model, each import checking every key and shape. The converted check
 records the source's model config and step, and is weights-only: it can be evaluated, never
 resumed.
 """
+import os
 import sys
 from collections.abc import Sequence
 
@@ -49,6 +50,7 @@ def flax_to_torch(source: str, out: str) -> None:
     torch_checkpoint.import_arrays(model,
                                    layout.flax_to_torch(jax_checkpoint.export_arrays(flax_model)))
     converted = CheckpointRecord("torch", config, record.step, weights_only=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as orbax does
     torch_checkpoint.save(out, {**converted.to_dict(), "model": model.state_dict()})
 
 
@@ -61,7 +63,7 @@ def run(argv: Sequence[str] | None) -> None:
                         help="where to write the converted checkpoint (a new path: an existing "
                              "file or directory is never written over)")
     args = parser.parse_args(argv)
-    cli.check_output_file(args.out, "--out", overwrite=False)
+    cli.check_output_file(args.out, "--out", new=True)
     if args.from_torch:
         torch_to_flax(args.from_torch, args.out)
     else:

@@ -20,12 +20,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from vqvae_common import cli, config, data, loop
+from vqvae_common import checkpoint_record, cli, config, data, loop
 from vqvae_common.errors import UserError
 
 KEYS = ("mse", "psnr", "psnr_8bit", "ssim", "perplexity", "codes_used", "images_per_s")
-# what a run's directory holds to evaluate: trained_models/'s file, the trainers' checkpoints
-RUN_CHECKPOINTS = ("model.pt", "checkpoint.pt", "checkpoint")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -83,10 +81,7 @@ def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.Mod
 def run(args: argparse.Namespace) -> dict[str, float]:
     if args.json:
         cli.check_output_file(args.json, "--json")
-    run_file = next((os.path.join(args.checkpoint, name) for name in RUN_CHECKPOINTS
-                     if os.path.exists(os.path.join(args.checkpoint, name))), None)
-    if os.path.isdir(args.checkpoint) and run_file is not None:
-        raise UserError(f"{args.checkpoint} is a run's directory: pass --checkpoint {run_file}")
+    checkpoint_record.refuse_run_directory(args.checkpoint)
     if os.path.isfile(args.checkpoint):
         from vqvae_torch.train import TorchTwin as Twin
     elif os.path.isdir(args.checkpoint):

@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -30,7 +32,9 @@ def test_defaults_are_the_mnist_preset_and_the_tuned_recipe():
     assert (model.codebook_update, train.codebook_init, model.restart_below) == (
         "ema", "kmeans", 0.01)
     assert (train.lr, train.lr_schedule) == (2e-3, "cosine")
-    assert train == config.TrainConfig()
+    assert train == config.TrainConfig(out="runs/latest_torch")
+    assert cli.parse("jax", [])[1].out == "runs/latest_jax"  # the twins' runs apart
+    assert cli.parse_prior("jax", ["--vqvae", "tests"])[1].out == "runs/prior_jax"
 
 
 def test_cifar10_preset():
@@ -228,7 +232,10 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
             cli.check_output_file(str(path), "--json")
     cli.check_output_file(str(tmp_path / "file"), "--json")  # written over: allowed
     with pytest.raises(UserError, match="it exists, and is never written over"):
-        cli.check_output_file(str(tmp_path / "file"), "--out", overwrite=False)
+        cli.check_output_file(str(tmp_path / "file"), "--out", new=True)
+    cli.check_output_file(str(tmp_path / "a" / "b" / "new.pt"), "--out", new=True)  # made
+    with pytest.raises(UserError, match="file is not a directory"):
+        cli.check_output_file(str(tmp_path / "file" / "b" / "new.pt"), "--out", new=True)
 
 
 def test_evaluate_checks_its_json_path_first(evaluate, tmp_path, capsys):
@@ -241,4 +248,19 @@ def test_evaluate_checks_its_json_path_first(evaluate, tmp_path, capsys):
 def test_evaluate_on_a_runs_directory_names_the_checkpoint_in_it(evaluate, tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert evaluate.main(["--checkpoint", str(tmp_path)]) == 2
-    assert f"pass --checkpoint {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().err
+    assert f"pass the checkpoint in it, {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().err
+
+
+def test_the_tools_drop_the_late_event_loop_errors_of_a_failed_restore_and_no_others(
+        monkeypatch):
+    """A failed orbax restore leaves reads in flight that print a traceback each after the
+    one-line error, unless report_errors' hook drops them; any other error still passes."""
+    passed = []
+    monkeypatch.setattr(sys, "unraisablehook", passed.append)
+    assert cli.report_errors(lambda: None) == 0
+    assert cli.report_errors(lambda: None) == 0  # one hook, however often the tools run
+    late, other = (types.SimpleNamespace(exc_value=error) for error in (
+        RuntimeError("Event loop is closed"), ValueError("another")))
+    sys.unraisablehook(late)
+    sys.unraisablehook(other)
+    assert passed == [other]

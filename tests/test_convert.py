@@ -187,7 +187,8 @@ def test_cli_write_failure_exits_2_with_one_line(tmp_path, converted, convert_cl
     assert "cannot write" in run.stderr
 
 
-def test_an_existing_out_is_never_written_over(converted, capsys):
+def test_an_existing_out_is_never_written_over_and_a_new_one_gets_its_folders(
+        converted, capsys, tmp_path):
     _, ckpt, flax_dir = converted
     before = {p: p.read_bytes() for p in flax_dir.rglob("*") if p.is_file()}
     for argv in (["--from-torch", str(ckpt), "--out", str(flax_dir)],
@@ -196,6 +197,9 @@ def test_an_existing_out_is_never_written_over(converted, capsys):
         assert "is never written over" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in flax_dir.rglob("*") if p.is_file()} == before
     assert torch.load(ckpt, weights_only=True)["step"] == 5
+    for argv in (["--from-torch", str(ckpt), "--out", str(tmp_path / "runs" / "a" / "flax")],
+                 ["--from-jax", str(flax_dir), "--out", str(tmp_path / "runs" / "b" / "x.pt")]):
+        assert convert.main(argv) == 0, capsys.readouterr().err
 
 
 def _bad_inputs(tmp_path):

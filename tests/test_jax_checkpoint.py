@@ -3,8 +3,6 @@ that hold no complete step. (orbax never unpickles: the pickle cases have no twi
 import glob
 import os
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -49,8 +47,8 @@ def _damage(step, damage):
         _garbage(os.path.join(step, "meta", "metadata"))
 
 
-# orbax leaves "Event loop is closed" errors behind when a restore fails; they may reach
-# pytest's hook before the load installs its filter (see the next test)
+# orbax leaves an "Event loop is closed" behind when a restore fails; it is orbax's, not ours
+# (the command-line tools drop it: vqvae_common.cli.report_errors)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate data", "empty data", "garbage data",
                                     "truncate every file", "delete state", "garbage record"])
@@ -64,25 +62,6 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, damage):
         twin.load(path)
     assert_same_arrays(model, JAX.model_arrays(twin))
     assert_same_arrays(optimizer, JAX.optimizer_arrays(twin))
-
-
-def test_a_failed_restore_drops_the_late_event_loop_errors_and_no_others(tmp_path,
-                                                                          monkeypatch):
-    """The reads a failed restore leaves in flight print a traceback each after the one-line
-    error, unless the hook the failure installs drops them; any other error still passes."""
-    passed = []
-    monkeypatch.setattr(sys, "unraisablehook", passed.append)
-    path = str(tmp_path / "checkpoint")
-    JAX.make(seed=0).save(path, 1)
-    _damage(os.path.join(path, "1"), "truncate data")
-    with pytest.raises(UserError, match="truncated or corrupt"):
-        JAX.make(seed=1).load(path)
-    late, other = (types.SimpleNamespace(exc_value=error) for error in (
-        RuntimeError("Event loop is closed"), ValueError("another")))
-    sys.unraisablehook(late)
-    sys.unraisablehook(other)
-    assert all(unraisable.exc_value is not late.exc_value for unraisable in passed)
-    assert passed[-1] is other
 
 
 @pytest.mark.parametrize("kind", ["empty dir", "no complete step"])

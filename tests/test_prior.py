@@ -81,8 +81,7 @@ def tiny_data(monkeypatch, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["prior"], "--vqvae is required"),
     (["prior", "--vqvae", "/nonexistent.pt"], "no VQ-VAE checkpoint there"),
-    (["prior", "--vqvae", "tests"], "cannot load tests: not a PyTorch checkpoint"),  # Flax's
-    #                                                                      is a directory
+    (["prior", "--vqvae", "tests"], "tests is a directory, not a PyTorch checkpoint file"),
     (["prior", "--vqvae", "x", "--layers", "0"], "--layers 0 is out of range"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_2(argv, message, capsys, tmp_path, tiny_data):

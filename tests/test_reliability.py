@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqvae_common import atomic, loop
+from vqvae_common import atomic, checkpoint_record, loop
 from vqvae_common import config as cfg
 from vqvae_common.errors import UserError
 from vqvae_common.run_lock import RunLock
@@ -379,7 +379,7 @@ def test_a_run_of_another_kind_in_the_same_out_is_refused_and_changes_nothing(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("flag,value", [("batch_size", 8), ("seed", 1)])
+@pytest.mark.parametrize("flag,value", [("batch_size", 8), ("seed", 1), ("dataset", "cifar10")])
 def test_a_resume_with_another_data_order_is_refused(fake_data, tmp_path, flag, value):
     train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, max_steps=5)
     loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
@@ -399,14 +399,21 @@ def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monk
         loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "file")))
 
 
-def test_a_fresh_run_is_refused_where_config_json_names_no_checkpoint(fake_data, tmp_path):
-    """A run of an older version, or someone's file: which kind of run it is cannot be told."""
-    older = cfg.to_json(cfg.ModelConfig(), cfg.TrainConfig())
-    (tmp_path / "config.json").write_text(older)
-    with pytest.raises(UserError, match="names no checkpoint"):
-        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
-    assert (tmp_path / "config.json").read_text() == older
-    assert not (tmp_path / "metrics.jsonl").exists()
+def test_an_older_versions_run_is_told_apart_by_its_checkpoint(fake_data, tmp_path,
+                                                                monkeypatch):
+    """Its config.json names no checkpoint: the one it holds tells. A run of this kind
+    resumes (and its config.json then names it); one of another kind is refused."""
+    monkeypatch.setitem(checkpoint_record.CHECKPOINT_NAMES, ("fake", "vqvae"), "fake.json")
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, max_steps=5)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    older = json.loads((tmp_path / "config.json").read_text())
+    del older["checkpoint"]
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    with pytest.raises(UserError, match="another kind of run \\(its checkpoint: fake.json"):
+        loop.fit(OtherKindTwin, cfg.ModelConfig(), train_cfg)
+    loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True,
+                                                                 max_steps=None))
+    assert json.loads((tmp_path / "config.json").read_text())["checkpoint"] == "fake.json"
 
 
 def test_a_full_disk_on_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 their checkpoints, each property stated once and run against each twin (the `twin` fixture:
 tests/twin_adapters.py). The format-specific cases: tests/test_{torch,jax}_checkpoint.py."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -148,8 +149,9 @@ def test_load_refuses_the_other_twins_checkpoint(twin, tmp_path):
 
 
 def test_missing_checkpoint_is_a_user_error(twin, tmp_path):
-    with pytest.raises(UserError, match=f"not a {twin.framework_name} checkpoint"):
-        twin.make().load(str(tmp_path / twin.Twin.checkpoint_name))
+    path = str(tmp_path / twin.Twin.checkpoint_name)
+    with pytest.raises(UserError, match=f"{re.escape(path)}.*(No such file|not a Flax)"):
+        twin.make().load(path)
 
 
 def test_weights_only_checkpoint_cannot_be_resumed(twin, tmp_path):

@@ -12,6 +12,7 @@ BatchNorm statistics, code usage) but no optimizer state: it can be evaluated, n
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from vqvae_common.config import ModelConfig, model_config
@@ -20,6 +21,27 @@ from vqvae_common.prior import PriorConfig, prior_config
 
 FRAMEWORK_NAMES = {"torch": "PyTorch", "jax": "Flax"}
 KINDS = {"vqvae": ("a VQ-VAE", model_config), "prior": ("a PixelCNN prior", prior_config)}
+# Each kind of run's checkpoint inside its --out (PyTorch: a file, Flax: a directory), and
+# the weights-only file of a trained_models/ folder
+CHECKPOINT_NAMES = {("torch", "vqvae"): "checkpoint.pt", ("jax", "vqvae"): "checkpoint",
+                    ("torch", "prior"): "prior.pt", ("jax", "prior"): "prior"}
+TRAINED_MODEL_NAME = "model.pt"
+
+
+def checkpoint_in(directory: str) -> str | None:
+    """The first checkpoint that a run's directory holds (its path), None if it holds none."""
+    for name in (TRAINED_MODEL_NAME, *CHECKPOINT_NAMES.values()):
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
+def refuse_run_directory(path: str) -> None:
+    """A UserError naming the checkpoint inside, where `path` is a run's directory (given
+    where a checkpoint was expected)."""
+    inside = checkpoint_in(path) if os.path.isdir(path) else None
+    if inside is not None:
+        raise UserError(f"{path} is a run's directory: pass the checkpoint in it, {inside}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,8 +96,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
         epilog=f"train_{framework}.py prior --help: train a PixelCNN prior over the codes of "
                "a trained VQ-VAE")
     training = p.add_argument_group("training")
-    for field in flag_fields(cfg.TrainConfig):
-        add_flag(training, cfg.TrainConfig, field.name)
+    for field in flag_fields(cfg.TrainConfig):  # each twin's runs in a folder of their own
+        add_flag(training, cfg.TrainConfig, field.name,
+                 default=f"runs/latest_{framework}" if field.name == "out" else dataclasses.MISSING)
     model = p.add_argument_group("model", "a flag left out takes the dataset's preset")
     for field in flag_fields(cfg.ModelConfig):
         add_flag(model, cfg.ModelConfig, field.name, default=argparse.SUPPRESS,
@@ -132,9 +133,10 @@ def build_prior_parser(framework: str) -> argparse.ArgumentParser:
                     "image, beside the per-position marginal baseline), TensorBoard events, "
                     "a checkpoint and samples.png into --out.")
     training = p.add_argument_group("training")
+    defaults = {**prior.TRAIN_DEFAULTS, "out": f"runs/prior_{framework}"}
     for name in PRIOR_TRAIN_FLAGS:
-        add_flag(training, cfg.TrainConfig, name, default=prior.TRAIN_DEFAULTS.get(
-            name, dataclasses.MISSING), help_text=PRIOR_HELP.get(name))
+        add_flag(training, cfg.TrainConfig, name, default=defaults.get(name, dataclasses.MISSING),
+                 help_text=PRIOR_HELP.get(name))
     model = p.add_argument_group("prior")
     for field in flag_fields(prior.PriorConfig):
         add_flag(model, prior.PriorConfig, field.name)
@@ -153,19 +155,22 @@ def parse_prior(framework: str, argv: Sequence[str] | None = None
     return prior.PriorConfig(**model_flags), cfg.TrainConfig(**args)
 
 
-def check_output_file(path: str, flag: str, overwrite: bool = True) -> None:
+def check_output_file(path: str, flag: str, new: bool = False) -> None:
     """A UserError, before any work is done, where `path` cannot be written: its directory
-    missing or not writable, `path` a directory, or (unless `overwrite`) `path` there."""
+    missing or not writable, or `path` a directory. A `new` path must not exist, and only
+    its nearest existing ancestor must be a writable directory (the writer makes the rest)."""
     directory = os.path.dirname(os.path.abspath(path))
+    while new and not os.path.lexists(directory):
+        directory = os.path.dirname(directory)
     reason = None
     if not os.path.isdir(directory):
         reason = f"{directory} is not a directory"
     elif not os.access(directory, os.W_OK | os.X_OK):
         reason = f"{directory} is not writable"
-    elif os.path.isdir(path) and overwrite:
-        reason = "it is a directory"
-    elif os.path.lexists(path) and not overwrite:
+    elif os.path.lexists(path) and new:
         reason = "it exists, and is never written over: remove it or choose another"
+    elif os.path.isdir(path):
+        reason = "it is a directory"
     if reason is not None:
         raise UserError(f"cannot write {flag} {path}: {reason}")
 
@@ -178,6 +183,7 @@ def one_line(error: Exception) -> str:
 def report_errors(run: Callable[[], object]) -> int:
     """Call `run`: a UserError becomes one line on stderr and exit status 2; a training run
     stopped by a signal (Stopped) one line and 128 + the signal; any other Ctrl-C, 130."""
+    _drop_late_event_loop_errors()
     try:
         run()
     except UserError as e:
@@ -190,6 +196,25 @@ def report_errors(run: Callable[[], object]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _drop_late_event_loop_errors() -> None:
+    """After a failed orbax restore (a damaged Flax checkpoint), tensorstore's reads still in
+    flight complete onto orbax's closed asyncio loop, each an unraisable
+    RuntimeError('Event loop is closed') that Python prints as a traceback after the
+    one-line error. In the command-line tools, drop those; any other unraisable goes to the
+    hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_late_event_loop_errors", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_late_event_loop_errors = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],

@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """A problem with the user's input or environment, reported as one line, never a traceback."""
+
+
+def clip(text: str, width: int) -> str:
+    """`text` on one line, cut to about `width` characters at a space where one is near."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    space = text.rfind(" ", 0, width)
+    return text[:space if space > width // 2 else width] + " ..."

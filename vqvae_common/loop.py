@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from vqvae_common import atomic, data, images, metrics
 from vqvae_common import config as cfg
 from vqvae_common.atomic import write_atomic
+from vqvae_common.checkpoint_record import checkpoint_in
 from vqvae_common.errors import UserError
 from vqvae_common.logbook import Logbook
 from vqvae_common.run_lock import RunLock
@@ -251,8 +252,10 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
             train, test = task.start(twin, train, test, train_cfg.resume)
             if main:
                 if step >= schedule.total:  # a start that only finishes the clean-up below
+                    limit = ("--max-steps" if schedule.total == train_cfg.max_steps
+                             else "--epochs")
                     print(f"{ckpt} holds step {step}, where this run ends: nothing to train "
-                          f"(raise --epochs or --max-steps to go on)", file=sys.stderr)
+                          f"(raise {limit} to go on)", file=sys.stderr)
                 if lock is None:
                     prepare_out_dir(out)
                     lock = RunLock(out)
@@ -447,20 +450,21 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     """--resume needs a complete checkpoint of this twin's kind, and the flags that fix the
     data order; a fresh run must not write over a checkpoint, nor over the records of a run
     of another kind (the other twin, or a prior in a VQ-VAE's --out), which config.json
-    names by its checkpoint."""
+    names by its checkpoint (an older version's config.json does not: then the checkpoint
+    that --out holds tells)."""
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
     recorded, ours = _recorded_run(out), make_twin.checkpoint_name
-    name = recorded.get("checkpoint") if recorded is not None else ours
-    if isinstance(name, str) and name != ours:
+    name = recorded.get("checkpoint")
+    if not isinstance(name, str):  # no config.json, or an older version's: the files tell
+        held = checkpoint_in(out)
+        name = ours if held is None or os.path.exists(ckpt) else os.path.basename(held)
+    if name != ours:
         raise UserError(f"{out} holds another kind of run (its checkpoint: {name}, this "
                         f"trainer's: {ours}): choose another --out")
-    if not isinstance(name, str) and not train_cfg.resume:
-        raise UserError(f"{out} holds a config.json that names no checkpoint (a run of an "
-                        f"older version, or not a trainer's file): choose another --out")
     complete = make_twin.has_checkpoint(ckpt)
     if train_cfg.resume and not complete:
         raise UserError(f"--resume: {out} holds no complete checkpoint to resume from; run "
@@ -468,7 +472,7 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
-    flags = recorded.get("train") if train_cfg.resume and recorded else None
+    flags = recorded.get("train") if train_cfg.resume else None
     for flag in ("dataset", "batch_size", "seed"):  # the data order the steps replay
         if isinstance(flags, dict) and flag in flags and flags[flag] != getattr(train_cfg, flag):
             option = "--" + flag.replace("_", "-")
@@ -476,13 +480,10 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                             f"it with that one")
 
 
-def _recorded_run(out: str) -> dict[str, Any] | None:
-    """`out`'s config.json; None where there is none, {} where it is not a JSON object."""
-    path = os.path.join(out, "config.json")
-    if not os.path.isfile(path):
-        return None
+def _recorded_run(out: str) -> dict[str, Any]:
+    """`out`'s config.json as a dict; {} where there is none (or it is not a JSON object)."""
     try:
-        with open(path) as f:
+        with open(os.path.join(out, "config.json")) as f:
             record = json.load(f)
     except (OSError, ValueError):
         return {}

@@ -39,7 +39,7 @@ SAMPLE_SEED = 0
 # training still has a finite NLL in test
 BASELINE_PSEUDOCOUNT = 1.0
 # What `train_X.py prior` defaults to where a VQ-VAE's training default does not fit
-TRAIN_DEFAULTS = {"lr": 1e-3, "lr_schedule": "constant", "out": "runs/prior", "epochs": 20}
+TRAIN_DEFAULTS = {"lr": 1e-3, "lr_schedule": "constant", "epochs": 20}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,6 @@ import contextlib
 import glob
 import os
 import shutil
-import sys
-import textwrap
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ from flax import nnx
 from vqvae_common import checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.config import ModelConfig
-from vqvae_common.errors import UserError
+from vqvae_common.errors import UserError, clip
 from vqvae_common.prior import PriorConfig
 
 KEEP = 2
@@ -125,24 +123,5 @@ def _reading(path: str):
     except UserError:
         raise
     except Exception as e:  # orbax and tensorstore raise many types for a damaged checkpoint
-        _drop_late_read_errors()
         raise UserError(f"cannot load {path}: truncated or corrupt ({type(e).__name__}: "
-                        f"{textwrap.shorten(str(e), 120, placeholder=' ...')})") from e
-
-
-def _drop_late_read_errors() -> None:
-    """After a failed restore, tensorstore's reads still in flight complete onto orbax's
-    closed event loop, each an unraisable RuntimeError('Event loop is closed') that Python
-    prints as a traceback after the one-line error: drop those (any other unraisable goes to
-    the hook that was there). Installed once."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_late_read_errors", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.drops_late_read_errors = True
-    sys.unraisablehook = hook
+                        f"{clip(str(e), 120)})") from e

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from vqvae_common import prior as common
-from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import TrainConfig
 from vqvae_common.errors import UserError
 from vqvae_common.prior import PriorConfig
@@ -61,7 +61,7 @@ class JaxPriorTwin:
     call that donates it, over the codes of a frozen JaxTwin VQ-VAE; checkpoints are an
     orbax directory."""
 
-    checkpoint_name = "prior"
+    checkpoint_name = CHECKPOINT_NAMES[("jax", "prior")]
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 

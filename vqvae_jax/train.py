@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch, learning_rate
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint, xla_cpu
@@ -146,7 +146,7 @@ class JaxTwin:
     the run's devices, stepped by one jitted call that donates it on batches sharded over
     them; checkpoints are an orbax directory."""
 
-    checkpoint_name = "checkpoint"
+    checkpoint_name = CHECKPOINT_NAMES[("jax", "vqvae")]
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import struct
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -51,16 +54,16 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
          kind: str = "vqvae") -> tuple[CheckpointRecord, dict[str, Any]]:
     """The checkpoint's record and payload, refused unless it is a PyTorch one of a `kind`
     model (of `config`, if given)."""
+    checkpoint_record.refuse_run_directory(path)
     if os.path.isdir(path):
-        raise UserError(f"cannot load {path}: not a PyTorch checkpoint file but a directory (a "
-                        f"Flax checkpoint? python convert.py converts one)")
+        raise UserError(f"{path} is a directory, not a PyTorch checkpoint file (a Flax "
+                        f"checkpoint is a directory: convert it with python convert.py)")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
-        raise UserError(f"cannot load {path}: not a PyTorch checkpoint file "
-                        f"({e.strerror or e})") from e
-    except Exception as e:  # the weights-only unpickler raises whatever its parse hits
-        # (UnpicklingError, KeyError, IndexError, struct.error, BadZipFile, ...)
+        raise UserError(f"cannot load {path}: {e.strerror or e}") from e
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+            KeyError, IndexError, struct.error) as e:  # the weights-only unpickler's, on garbage
         raise UserError(f"cannot load {path}: not a PyTorch checkpoint of this project, "
                         f"or truncated/corrupt ({type(e).__name__})") from e
     holds_optimizer = isinstance(payload, dict) and "optimizer" in payload

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from vqvae_common import prior as common
-from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import TrainConfig
 from vqvae_common.prior import PriorConfig
 from vqvae_torch import checkpoint
@@ -32,7 +32,7 @@ class TorchPriorTwin:
     """A gated PixelCNN and its Adam on one device, stepped eagerly, over the codes of a
     frozen TorchTwin VQ-VAE; checkpoints are one file."""
 
-    checkpoint_name = "prior.pt"
+    checkpoint_name = CHECKPOINT_NAMES[("torch", "prior")]
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, learning_rate
 from vqvae_common.errors import UserError
 from vqvae_torch import checkpoint, distributed
@@ -88,7 +88,7 @@ class TorchTwin:
     collective), so the main process may write pictures by itself. Only process 0 writes
     checkpoints; every process loads the same one on --resume."""
 
-    checkpoint_name = "checkpoint.pt"
+    checkpoint_name = CHECKPOINT_NAMES[("torch", "vqvae")]
     has_checkpoint = staticmethod(checkpoint.has_checkpoint)
     remove_partial_checkpoints = staticmethod(checkpoint.remove_partial_writes)
 
