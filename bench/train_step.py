@@ -21,7 +21,7 @@ Each is timed on a fixed batch and again fed by the real input pipeline (vqvae_c
 step shows as a percentage. FLOPs per image come from torch's FlopCounterMode and from XLA's
 compiled cost analysis (--quick: of the step before optimization, within 1%, sparing a second
 compile). With --quantizer, then the quantizer alone as K and N grow
-(bench/quantizer.py: about 20 minutes on a 2-core CPU, its two small cases with --quick).
+(bench/quantizer.py: about 20 minutes on a 2-core CPU, one small case with --quick).
 The Flax / PyTorch-eager ratio is printed twice: of the two medians, and round by round
 (each Flax window over the PyTorch window of its round), whose median and range show how much
 of a ratio near 1.0 is the machine's noise. Each window also counts the process's CPU time
