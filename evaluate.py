@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from vqvae_common import checkpoint_record, cli, config, data, loop
+from vqvae_common import cli, config, data, loop
 from vqvae_common.errors import UserError
 
 KEYS = ("mse", "psnr", "psnr_8bit", "ssim", "perplexity", "codes_used", "images_per_s")
@@ -81,7 +81,6 @@ def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.Mod
 def run(args: argparse.Namespace) -> dict[str, float]:
     if args.json:
         cli.check_output_file(args.json, "--json")
-    checkpoint_record.refuse_run_directory(args.checkpoint)
     if os.path.isfile(args.checkpoint):
         from vqvae_torch.train import TorchTwin as Twin
     elif os.path.isdir(args.checkpoint):

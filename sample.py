@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vqvae_common import checkpoint_record, cli, config, prior
+from vqvae_common import cli, config, prior
 from vqvae_common.errors import UserError
 
 
@@ -38,7 +38,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     cli.check_output_file(args.out, "--out")
-    checkpoint_record.refuse_run_directory(args.prior)
     if os.path.isfile(args.prior):
         from vqvae_torch.prior_train import TorchPriorTwin as Twin
     elif os.path.isdir(args.prior):

@@ -28,18 +28,21 @@ CHECKPOINT_NAMES = {("torch", "vqvae"): "checkpoint.pt", ("jax", "vqvae"): "chec
 TRAINED_MODEL_NAME = "model.pt"
 
 
-def checkpoint_in(directory: str) -> str | None:
-    """The first checkpoint that a run's directory holds (its path), None if it holds none."""
-    for name in (TRAINED_MODEL_NAME, *CHECKPOINT_NAMES.values()):
+def checkpoint_in(directory: str, kinds: tuple[str, ...] = tuple(KINDS)) -> str | None:
+    """The first checkpoint of one of `kinds` that a run's directory holds (its path), None
+    if it holds none."""
+    names = [TRAINED_MODEL_NAME] if "vqvae" in kinds else []
+    names += [name for (_, kind), name in CHECKPOINT_NAMES.items() if kind in kinds]
+    for name in names:
         if os.path.exists(os.path.join(directory, name)):
             return os.path.join(directory, name)
     return None
 
 
-def refuse_run_directory(path: str) -> None:
-    """A UserError naming the checkpoint inside, where `path` is a run's directory (given
-    where a checkpoint was expected)."""
-    inside = checkpoint_in(path) if os.path.isdir(path) else None
+def refuse_run_directory(path: str, kind: str) -> None:
+    """A UserError naming the checkpoint inside, where `path` is a run's directory holding a
+    `kind` model's checkpoint (given where the checkpoint itself was expected)."""
+    inside = checkpoint_in(path, (kind,)) if os.path.isdir(path) else None
     if inside is not None:
         raise UserError(f"{path} is a run's directory: pass the checkpoint in it, {inside}")
 

@@ -71,7 +71,7 @@ def remove_partial_writes(path: str) -> None:
 def read_record(path: str, kind: str = "vqvae") -> CheckpointRecord:
     """The record of the newest complete step, checked to be a Flax checkpoint's of a
     `kind` model."""
-    with _reading(path) as (manager, step):
+    with _reading(path, kind) as (manager, step):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     # every Flax checkpoint holds an optimizer state (a converted one, a fresh one)
     return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True, kind=kind)
@@ -83,7 +83,7 @@ def load(path: str, config: ModelConfig | PriorConfig, like: nnx.State, kind: st
     holds a `kind` model of `config`."""
     record = read_record(path, kind)
     record.check_config(config, path)
-    with _reading(path) as (manager, step):
+    with _reading(path, kind) as (manager, step):
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like)))["state"]
     return record, state
@@ -110,8 +110,10 @@ def import_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
 
 
 @contextlib.contextmanager
-def _reading(path: str):
-    """(manager, newest complete step); any damage becomes one UserError line."""
+def _reading(path: str, kind: str):
+    """(manager, newest complete step) of a `kind` model's checkpoint; any damage becomes one
+    UserError line."""
+    checkpoint_record.refuse_run_directory(path, kind)
     if not os.path.isdir(path):
         raise UserError(f"{path} is not a Flax checkpoint directory")
     try:

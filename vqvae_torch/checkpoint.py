@@ -54,7 +54,7 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
          kind: str = "vqvae") -> tuple[CheckpointRecord, dict[str, Any]]:
     """The checkpoint's record and payload, refused unless it is a PyTorch one of a `kind`
     model (of `config`, if given)."""
-    checkpoint_record.refuse_run_directory(path)
+    checkpoint_record.refuse_run_directory(path, kind)
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory, not a PyTorch checkpoint file (a Flax "
                         f"checkpoint is a directory: convert it with python convert.py)")
