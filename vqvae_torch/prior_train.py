@@ -3,7 +3,6 @@ vqvae_common.loop.fit drives with vqvae_common.prior.PriorTask. Mirrors
 vqvae_jax/prior_train.py."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
