@@ -72,18 +72,16 @@ def read_record(path: str, kind: str = "vqvae") -> CheckpointRecord:
     """The record of the newest complete step, checked to be a Flax checkpoint's of a
     `kind` model."""
     with _reading(path, kind) as (manager, step):
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    # every Flax checkpoint holds an optimizer state (a converted one, a fresh one)
-    return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True, kind=kind)
+        return _record(manager, step, path, kind)
 
 
 def load(path: str, config: ModelConfig | PriorConfig, like: nnx.State, kind: str = "vqvae"
          ) -> tuple[CheckpointRecord, nnx.State]:
     """The newest complete step's record and state (shaped like `like`), refused unless it
     holds a `kind` model of `config`."""
-    record = read_record(path, kind)
-    record.check_config(config, path)
     with _reading(path, kind) as (manager, step):
+        record = _record(manager, step, path, kind)
+        record.check_config(config, path)
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(like)))["state"]
     return record, state
@@ -107,6 +105,13 @@ def import_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
     for key, variable in variables.items():  # replaced, not written into: no scatter to
         #   compile; copied: on a CPU jnp.asarray may share the caller's (PyTorch's) memory
         variable.set_value(jnp.array(arrays[key], variable.get_value().dtype))
+
+
+def _record(manager: ocp.CheckpointManager, step: int, path: str, kind: str
+            ) -> CheckpointRecord:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    # every Flax checkpoint holds an optimizer state (a converted one, a fresh one)
+    return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True, kind=kind)
 
 
 @contextlib.contextmanager
