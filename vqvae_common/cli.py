@@ -20,7 +20,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
 from vqvae_common import host_memory, prior
-from vqvae_common.errors import UserError
+from vqvae_common.errors import UserError, one_line
 from vqvae_common.stop_signals import Stopped
 
 
@@ -175,11 +175,6 @@ def check_output_file(path: str, flag: str, new: bool = False) -> None:
         raise UserError(f"cannot write {flag} {path}: {reason}")
 
 
-def one_line(error: Exception) -> str:
-    """The message with every run of whitespace, newlines included, made one space."""
-    return " ".join(str(error).split())
-
-
 def report_errors(run: Callable[[], object]) -> int:
     """Call `run`: a UserError becomes one line on stderr and exit status 2; a training run
     stopped by a signal (Stopped) one line and 128 + the signal; any other Ctrl-C, 130."""
@@ -187,10 +182,10 @@ def report_errors(run: Callable[[], object]) -> int:
     try:
         run()
     except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except Stopped as e:
-        print(one_line(e), file=sys.stderr)
+        print(one_line(str(e)), file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
