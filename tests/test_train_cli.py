@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from PIL import Image
 
 from twin_adapters import ADAPTERS
 from vqvae_common import config
+from vqvae_common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ["torch", "jax"]
@@ -135,6 +137,14 @@ def test_init_from_starts_a_new_run_from_the_model(trainer, short_runs, tmp_path
     model_cfg, train_cfg = config.from_json((out / "config.json").read_text())
     assert train_cfg.init_from == str(trained / CHECKPOINT[framework])
     assert _checkpoint_step(framework, out / CHECKPOINT[framework], model_cfg) == 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_init_from_a_run_directory_names_the_checkpoint_in_it(short_runs, framework):
+    _, trained = short_runs[framework]
+    with pytest.raises(UserError, match=f"run's directory: pass the checkpoint in it, "
+                                        f"{re.escape(str(trained / CHECKPOINT[framework]))}"):
+        ADAPTERS[framework].make().init_weights(str(trained))
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
