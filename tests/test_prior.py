@@ -92,25 +92,63 @@ def test_a_users_mistake_is_one_line_and_exit_2(argv, message, capsys, tmp_path,
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-# PyTorch only: the Flax run compiles five functions twice (70 s on a busy 2-core CPU); the
-# Flax step and sampler are held to PyTorch's by parity_tests/test_prior.py
-@pytest.mark.parametrize("framework", ["torch"])
-def test_a_tiny_prior_trains_resumes_and_samples(framework, tiny_data, tmp_path, capsys):
+def prior_twins(framework: str) -> tuple[type, type]:
+    """(prior twin, VQ-VAE twin) classes of `framework`."""
     if framework == "torch":
-        from vqvae_torch.prior_train import TorchPriorTwin as PriorTwin
-        from vqvae_torch.train import TorchTwin as Twin
-    else:
-        from vqvae_jax.prior_train import JaxPriorTwin as PriorTwin
-        from vqvae_jax.train import JaxTwin as Twin
+        from vqvae_torch.prior_train import TorchPriorTwin
+        from vqvae_torch.train import TorchTwin
+        return TorchPriorTwin, TorchTwin
+    from vqvae_jax.prior_train import JaxPriorTwin
+    from vqvae_jax.train import JaxTwin
+    return JaxPriorTwin, JaxTwin
+
+
+def weights(twin: object) -> list[np.ndarray]:
+    """A prior twin's weights, as numpy arrays in a fixed order."""
+    if hasattr(twin, "model"):  # PyTorch
+        return [t.detach().cpu().numpy() for t in twin.model.state_dict().values()]
+    import jax
+    from flax import nnx
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.merge(twin.graphdef, twin.state)[0])]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_prior_checkpoint_resumes_and_loads_the_same_model(framework, tmp_path):
+    """Saved at step 7 by a prior from seed 1: resuming it into a prior from seed 2, and
+    loading it for sampling, both give seed 1's weights."""
+    PriorTwin, Twin = prior_twins(framework)
+    vqvae = str(tmp_path / Twin.checkpoint_name)
+    Twin(TINY_VQVAE, cfg.TrainConfig()).save(vqvae, 0)
+    prior_cfg = prior.PriorConfig(vqvae=vqvae, **TINY_PRIOR)
+    saved, resumed = (PriorTwin(prior_cfg, cfg.TrainConfig(seed=seed)) for seed in (1, 2))
+    path = str(tmp_path / PriorTwin.checkpoint_name)
+    saved.save(path, 7)
+    want = weights(saved)
+    assert not all(np.array_equal(a, b) for a, b in zip(weights(resumed), want))
+    assert resumed.load(path) == 7
+    for twin in (resumed, PriorTwin.from_checkpoint(path)):
+        got = weights(twin)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match="holds a PixelCNN prior, not a VQ-VAE"):
+        Twin.from_checkpoint(path)
+
+
+# PyTorch only: the Flax run compiles five functions twice (70 s on a busy 2-core CPU); the
+# Flax step and sampler are held to PyTorch's by parity_tests/test_prior.py, its checkpoints
+# by the test above
+def test_a_tiny_prior_trains_resumes_and_samples(tiny_data, tmp_path, capsys):
+    PriorTwin, Twin = prior_twins("torch")
     vqvae = str(tmp_path / Twin.checkpoint_name)
     Twin(TINY_VQVAE, cfg.TrainConfig()).save(vqvae, 0)
     prior_cfg = prior.PriorConfig(vqvae=vqvae, **TINY_PRIOR)
     train_cfg = cfg.TrainConfig(out=str(tmp_path / "run"), batch_size=8, epochs=2,
                                 max_steps=6, eval_batch_size=16)
-    task = prior.PriorTask(framework, prior_cfg, train_cfg)
+    task = prior.PriorTask("torch", prior_cfg, train_cfg)
     loop.fit(PriorTwin, prior_cfg, dataclasses.replace(train_cfg, max_steps=3), task)
     result = loop.fit(PriorTwin, prior_cfg, dataclasses.replace(train_cfg, resume=True),
-                      prior.PriorTask(framework, prior_cfg, train_cfg))
+                      prior.PriorTask("torch", prior_cfg, train_cfg))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows if r["split"] == "test"] == [3, 5, 6]
     assert result["nll_bits_per_image"] == pytest.approx(

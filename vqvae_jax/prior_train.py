@@ -16,7 +16,6 @@ from flax import nnx
 from vqvae_common import prior as common
 from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import TrainConfig
-from vqvae_common.errors import UserError
 from vqvae_common.prior import PriorConfig
 from vqvae_jax import checkpoint
 from vqvae_jax.prior import PixelCNN, nll, sample
