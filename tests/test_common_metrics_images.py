@@ -30,6 +30,29 @@ def test_psnr_of_a_perfect_reconstruction_is_infinite():
     assert metrics.psnr(0.0) == math.inf
 
 
+def test_psnr_8bit_scores_the_rounded_levels():
+    # equal after rounding to 8 bits: the cap; one level apart everywhere: 20 log10 255
+    target = np.full((2, 4, 4, 1), -1.0)
+    recon = target + np.array([0.4, 1.0]).reshape(2, 1, 1, 1) * 2 / 255
+    np.testing.assert_allclose(metrics.psnr_8bit_per_image(target, recon),
+                               [metrics.PSNR_CAP_DB, 48.1308036], atol=1e-6)
+
+
+def test_ssim_of_an_image_with_itself_is_one_and_of_noise_less():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (3, 28, 28, 1))
+    np.testing.assert_allclose(metrics.ssim_per_image(x, x), 1.0, atol=1e-12)
+    noisy = metrics.ssim_per_image(x, np.clip(x + rng.normal(0, 0.2, x.shape), -1, 1))
+    assert np.all(noisy < 0.99)
+
+
+def test_ssim_of_two_flat_images_is_its_luminance_term():
+    # no variance, no covariance: SSIM = (2 mu_x mu_y + c1) / (mu_x^2 + mu_y^2 + c1)
+    mu_x, mu_y, c1 = 127.5, 191.25, (0.01 * 255) ** 2
+    got = metrics.ssim_per_image(np.zeros((1, 16, 16, 3)), np.full((1, 16, 16, 3), 0.5))
+    assert got[0] == pytest.approx((2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1))
+
+
 def test_code_counts():
     counts = metrics.code_counts(np.array([[0, 2], [2, 2]]), 4)
     np.testing.assert_array_equal(counts, [1, 0, 3, 0])

@@ -8,12 +8,12 @@ import json
 import numpy as np
 from PIL import Image
 
-from vqvae_common import atomic
+from vqvae_common import atomic, metrics
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [-1, 1] NHWC -> uint8 [0, 255] NHWC."""
-    return np.clip(np.rint((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """float [-1, 1] NHWC -> uint8 [0, 255] NHWC: the levels metrics.to_8bit scores."""
+    return metrics.to_8bit(images).astype(np.uint8)
 
 
 def _pil(image: np.ndarray, scale: int) -> Image.Image:
