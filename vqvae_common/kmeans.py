@@ -2,8 +2,8 @@
 take from encoder outputs. One implementation, in float64, so that the same vectors and seed
 give the same codebook bit for bit whichever twin asks.
 
-With z the N vectors (N, D) and K the number of centres (e.g. MNIST: 1280 images of 7 x 7
-codes, [1280, 7, 7, 128] -> [62720, 128], K = 512):
+With z the N vectors (N, D) and K the number of centres (e.g. MNIST: 1024 images of 7 x 7
+codes, [1024, 7, 7, 128] -> [50176, 128], K = 512):
 
     seeding (k-means++): c_1 a uniform draw from z; c_j drawn with probability
                          proportional to min_{i<j} ||z_n - c_i||^2
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vqvae_common.config import distance_block_rows
+from vqvae_common.config import TrainConfig, distance_block_rows
 
 
 def squared_distances_argmin(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -46,7 +46,8 @@ def kmeans_plus_plus(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return centres
 
 
-def kmeans(vectors: np.ndarray, k: int, seed: int, iterations: int = 10) -> np.ndarray:
+def kmeans(vectors: np.ndarray, k: int, seed: int,
+           iterations: int = TrainConfig.kmeans_iterations) -> np.ndarray:
     """k-means++ seeding then `iterations` Lloyd steps on vectors (N, D): centres (k, D) in
     float64, deterministic given (vectors, k, seed, iterations)."""
     z = np.asarray(vectors, np.float64).reshape(-1, np.shape(vectors)[-1])
