@@ -2,7 +2,6 @@
 same function as on 1 device of the same global batch (vqvae_jax/train.py's mesh): each
 step's loss terms, and the final weights, EMA state, code usage and BatchNorm statistics."""
 import json
-import os
 import re
 import subprocess
 import sys

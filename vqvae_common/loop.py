@@ -45,8 +45,8 @@ GRID_PAIRS = 32
 
 class Twin(Protocol):
     """What a framework implements for `fit` and evaluate.py. Images are NHWC float32 numpy
-    in [-1, 1]. A prior's twin implements the methods up to `fetch`, `save` and `load`, and
-    its own evaluate (vqvae_common.prior); it runs in one process on one device.
+    in [-1, 1]. A prior's twin implements a part of it, and its own evaluate: the list is in
+    vqvae_common.prior; it runs in one process on one device.
 
     Data-parallel training: `fit` runs in every process of the run (one per device under
     torchrun; one per host in JAX) and hands each the same global batch; the twin steps on

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from vqvae_common.config import check_global_batch
