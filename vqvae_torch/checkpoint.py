@@ -1,9 +1,9 @@
 """Checkpoint files for the PyTorch twin: written atomically, read without executing code.
 
 A checkpoint is one `torch.save` archive of tensors and plain Python values: the shared
-record (vqvae_common.checkpoint_record: framework "torch", model_config, step, weights_only),
-"model": state_dict and, unless weights-only, "optimizer": state_dict. It is written to a
-temporary file and renamed (vqvae_common.atomic), so a kill at any moment leaves the previous
+record (vqvae_common.checkpoint_record: framework "torch", kind, model_config, step,
+weights_only, lr_schedule), "model": state_dict and, unless weights-only, "optimizer":
+state_dict. It is written to a temporary file and renamed (vqvae_common.atomic), so a kill at any moment leaves the previous
 file whole. It is loaded with `weights_only=True`, so a crafted pickle that would run code is
 refused.
 
