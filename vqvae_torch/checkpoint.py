@@ -3,9 +3,9 @@
 A checkpoint is one `torch.save` archive of tensors and plain Python values: the shared
 record (vqvae_common.checkpoint_record: framework "torch", kind, model_config, step,
 weights_only, lr_schedule), "model": state_dict and, unless weights-only, "optimizer":
-state_dict. It is written to a temporary file and renamed (vqvae_common.atomic), so a kill at any moment leaves the previous
-file whole. It is loaded with `weights_only=True`, so a crafted pickle that would run code is
-refused.
+state_dict. It is written to a temporary file and renamed (vqvae_common.atomic), so a kill
+at any moment leaves the previous file whole. It is loaded with `weights_only=True`, so a
+crafted pickle that would run code is refused.
 
 The model's arrays also travel as a flat numpy dict in PyTorch's own convention (state_dict
 keys and layouts): export_arrays and import_arrays, what vqvae_common.layout translates to
