@@ -41,8 +41,8 @@ from flax import nnx
 
 from vqvae_common import prior
 from vqvae_common.prior import PriorConfig
+from vqvae_jax.model import NHWC, xavier_normal
 
-xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 standard_normal = jax.nn.initializers.normal(1.0)
 
 
@@ -65,7 +65,7 @@ class MaskedConv2d(nnx.Module):
         kh, kw = mask.shape[:2]
         return jax.lax.conv_general_dilated(
             x, kernel * mask, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC")) + self.bias[...]
+            dimension_numbers=NHWC) + self.bias[...]
 
 
 def conv1x1(in_channels: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Conv:
