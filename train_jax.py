@@ -4,15 +4,16 @@
 import sys
 
 from vqvae_common import cli, loop, prior
+from vqvae_common.config import ModelConfig, TrainConfig
 
 
-def fit(model_cfg, train_cfg):
+def fit(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, float]:
     from vqvae_jax.train import JaxTwin  # after parsing: --help must not wait for jax
 
     return loop.fit(JaxTwin, model_cfg, train_cfg)
 
 
-def fit_prior(prior_cfg, train_cfg):
+def fit_prior(prior_cfg: prior.PriorConfig, train_cfg: TrainConfig) -> dict[str, float]:
     from vqvae_jax.prior_train import JaxPriorTwin
 
     return loop.fit(JaxPriorTwin, prior_cfg, train_cfg,

@@ -4,15 +4,16 @@
 import sys
 
 from vqvae_common import cli, loop, prior
+from vqvae_common.config import ModelConfig, TrainConfig
 
 
-def fit(model_cfg, train_cfg):
+def fit(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, float]:
     from vqvae_torch.train import TorchTwin  # after parsing: --help must not wait for torch
 
     return loop.fit(TorchTwin, model_cfg, train_cfg)
 
 
-def fit_prior(prior_cfg, train_cfg):
+def fit_prior(prior_cfg: prior.PriorConfig, train_cfg: TrainConfig) -> dict[str, float]:
     from vqvae_torch.prior_train import TorchPriorTwin
 
     return loop.fit(TorchPriorTwin, prior_cfg, train_cfg,

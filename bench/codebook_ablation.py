@@ -69,7 +69,7 @@ def tuning_recipes(preset: ModelConfig) -> dict[str, tuple[ModelConfig, dict]]:
 STUDIES = {"codebook": codebook_recipes, "tuning": tuning_recipes}
 
 
-def test_psnr_by_epoch(out: str) -> list[float]:
+def psnr_by_epoch(out: str) -> list[float]:
     """The test PSNR at each epoch's end, from the run's metrics.jsonl."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -126,7 +126,7 @@ def main() -> None:
         last = loop.fit(Twin, model_cfg, train_cfg)
         results[name] = {**{k: last[k] for k in COLUMNS},
                          "wall_s": time.perf_counter() - start,
-                         "psnr_by_epoch": test_psnr_by_epoch(train_cfg.out)}
+                         "psnr_by_epoch": psnr_by_epoch(train_cfg.out)}
         write_atomic(results_path, json.dumps({
             "study": args.study, "framework": args.framework, "dataset": args.dataset,
             "epochs": args.epochs,

@@ -32,7 +32,7 @@ from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch, learning_rate
 from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint, xla_cpu
-from vqvae_jax.model import VQVAE
+from vqvae_jax.model import VQVAE, Output
 
 
 def select_device(name: str) -> jax.Device:
@@ -116,7 +116,7 @@ def encode_batch_statistics(graphdef: nnx.GraphDef, state: nnx.State, batch: jax
     return model.encoder(batch)
 
 
-def eval_forward(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array):
+def eval_forward(graphdef: nnx.GraphDef, state: nnx.State, batch: jax.Array) -> Output:
     model, _ = nnx.merge(graphdef, state)
     model.eval()
     return model(batch)

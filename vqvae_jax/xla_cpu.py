@@ -58,6 +58,7 @@ Layouts are the model's: activations NHWC, kernels HWIO.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -215,8 +216,8 @@ conv_transpose.defvjp(lambda x, kernel: (conv_transpose(x, kernel), (x, kernel))
                       _conv_transpose_bwd)
 
 
-def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides, padding, **kwargs
-                         ) -> jax.Array:
+def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]], **kwargs) -> jax.Array:
     """jax.lax.conv_general_dilated as nnx.Conv calls it, with the model's costly shapes on
     faster formulations: a 1x1 conv is a matmul (autodiff of the 1x1 conv is 1.7-1.9x
     slower), a 4x4 stride-2 pad-1 conv over even sizes is strided_conv (its input gradient
