@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from vqvae_common import cli, config, data, loop
+from vqvae_common import atomic, cli, config, data, loop
 from vqvae_common.errors import UserError
 
 KEYS = ("mse", "psnr", "psnr_8bit", "ssim", "perplexity", "codes_used", "images_per_s")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     print(f"{dataset} test ({len(test_images)} images): " +
           ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if args.json:
-        loop.write_atomic(args.json, json.dumps(result, indent=2))
+        atomic.write_atomic(args.json, json.dumps(result, indent=2))
     return result
 
 

@@ -126,6 +126,7 @@ class TrainConfig:
         choices=("constant", "cosine"))
     seed: int = flag(0, "random seed of the initial weights and of the data order",
                      (0, 2**32 - 1))
+    # the entry points default to runs/latest_{torch,jax} (priors: runs/prior_{torch,jax})
     out: str = flag("runs/latest", "output directory")
     device: str = flag("auto", "auto (an accelerator when present), cpu, cuda or gpu (and "
                                "tpu, for the Flax twin)")

@@ -290,6 +290,11 @@ class VectorQuantizer(nnx.Module):
     code gets u_k = 1/K, the uniform share, as a grace period. As u starts at 0, the first
     step restarts nearly every code: a data-dependent initialisation of the codebook, which
     `initialize_kmeans` replaces by k-means (and then gives every code the uniform share).
+
+    Data parallel (vqvae_jax.train's mesh): z_e is one global array sharded over the
+    devices, so count_k, n_k, s_k and the restart rows are those of the global batch with no
+    code of their own here: XLA adds the collectives, and every device holds the codebook
+    one device would.
     """
 
     def __init__(self, num_codes: int, dim: int,
@@ -362,7 +367,8 @@ class VectorQuantizer(nnx.Module):
         self.usage[...] = jnp.full_like(self.usage[...], 1 / num_codes)
 
     def restart_dead_codes(self, z_e: jax.Array) -> None:
-        """Move the dead codes onto vectors of z_e (B, h, w, D); run after the optimizer step."""
+        """Move the dead codes onto vectors of z_e (B, h, w, D); run after the optimizer step.
+        Under a mesh z_e is the global batch, so the rows are the same on every device."""
         if self.restart_below <= 0:
             return
         e = self.codebook[...]

@@ -2,7 +2,7 @@
 Decoders") over a VQ-VAE's code maps, in Flax NNX: the twin of vqvae_torch/prior.py.
 
 Shapes, JAX layout (B batch, (h, w) the code map, K codes, F channels, L layers), e.g.
-MNIST's codes [64, 7, 7] with K = 512, F = 64 -> logits [64, 7, 7, 512]:
+MNIST's codes [64, 7, 7] with K = 512, F = 32 (the default) -> logits [64, 7, 7, 512]:
 
     c (B, h, w) --embed_codes--> x (B, h, w, F);  v_0 = h_0 = x;  s = 0
     for layer l = 0 .. L-1, with y the class label (conditional priors only):

@@ -2,7 +2,7 @@
 Decoders") over a VQ-VAE's code maps, in PyTorch: the reference twin of vqvae_jax/prior.py.
 
 Shapes, PyTorch layout (B batch, (h, w) the code map, K codes, F channels, L layers), e.g.
-MNIST's codes [64, 7, 7] with K = 512, F = 64 -> logits [64, 512, 7, 7]:
+MNIST's codes [64, 7, 7] with K = 512, F = 32 (the default) -> logits [64, 512, 7, 7]:
 
     c (B, h, w) --embed_codes--> x (B, F, h, w);  v_0 = h_0 = x;  s = 0
     for layer l = 0 .. L-1, with y the class label (conditional priors only):
