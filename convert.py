@@ -20,6 +20,7 @@ from flax import nnx
 
 from vqvae_common import cli, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
+from vqvae_common.errors import UserError
 from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax import train as jax_train
 from vqvae_torch import checkpoint as torch_checkpoint
@@ -63,6 +64,11 @@ def run(argv: Sequence[str] | None) -> None:
                         help="where to write the converted checkpoint (a new path: an existing "
                              "file or directory is never written over)")
     args = parser.parse_args(argv)
+    if args.from_jax and args.out.endswith(("/", os.sep)):
+        raise UserError(f"--out {args.out}: a PyTorch checkpoint is a file: give a file name")
+    if args.from_torch and args.out.endswith(".pt"):
+        raise UserError(f"--out {args.out}: a Flax checkpoint is a directory: give it a name "
+                        f"without .pt")
     cli.check_output_file(args.out, "--out", new=True)
     if args.from_torch:
         torch_to_flax(args.from_torch, args.out)

@@ -6,8 +6,8 @@
 
 Prints and writes (--json) mse (on [-1, 1]), psnr (dB, on [0, 255], from the split's MSE),
 psnr_8bit (dB, each image rounded to 8 bits, averaged over images as papers report it), ssim,
-perplexity (over the whole split), codes_used (fraction of the K codes) and images_per_s. Given the same
-weights, both frameworks' checkpoints give the same numbers.
+perplexity (over the whole split), codes_used (fraction of the K codes) and images_per_s.
+Given the same weights, both frameworks' checkpoints give the same numbers.
 
 The test split is --dataset's. Without it, it is the dataset in the config.json that training
 wrote beside the checkpoint, when that file records this checkpoint's model config; else the
@@ -80,7 +80,7 @@ def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.Mod
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     if args.json:
-        cli.check_output_file(args.json, "--json")
+        cli.check_output_file(args.json, "--json", kind="JSON")
     if os.path.isfile(args.checkpoint):
         from vqvae_torch.train import TorchTwin as Twin
     elif os.path.isdir(args.checkpoint):

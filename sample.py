@@ -5,9 +5,10 @@ position, decoded by the VQ-VAE the prior models, written as one grid PNG.
     python sample.py --prior runs/prior_t/prior.pt --out samples.png      # PyTorch: a file
     python sample.py --prior runs/prior_j/prior --out samples.png         # Flax: a directory
 
-A class-conditional prior draws one class per row (--num / classes images each). The draws
-come from numpy's Gumbel noise of --seed (vqvae_common.prior.gumbel_noise), so both twins,
-given the same weights, sample the same codes.
+A class-conditional prior draws one class per row (--num / classes images each, so --num is
+a multiple of the classes). The draws come from numpy's Gumbel noise of --seed
+(vqvae_common.prior.gumbel_noise), so both twins, given the same weights, sample the same
+codes.
 """
 import argparse
 import os
@@ -37,7 +38,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    cli.check_output_file(args.out, "--out")
+    cli.check_output_file(args.out, "--out", kind="PNG")
     if os.path.isfile(args.prior):
         from vqvae_torch.prior_train import TorchPriorTwin as Twin
     elif os.path.isdir(args.prior):
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> None:
     else:
         raise UserError(f"no prior checkpoint at {args.prior}")
     twin = Twin.from_checkpoint(args.prior, args.device, args.vqvae)
+    classes = twin.config.num_classes
+    if classes and args.num % classes:
+        raise UserError(f"--num {args.num}: the prior is class-conditional, one row of "
+                        f"samples per class: choose a multiple of {classes}")
     prior.write_samples(twin, args.num, args.seed, args.out)
     print(f"wrote {args.num} samples to {args.out}")
 

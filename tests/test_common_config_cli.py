@@ -79,12 +79,38 @@ def test_train_flags_reach_the_config():
             train.data_dir) == (8, 0.001, 30, "/tmp/o", True, "/d")
 
 
+def test_resume_takes_the_flags_the_run_recorded(tmp_path):
+    model, train = cli.parse("torch", ["--out", str(tmp_path), "--dataset", "cifar10",
+                                       "--max-steps", "400", "--batch-size", "32",
+                                       "--beta", "1.0", "--lr-schedule", "constant",
+                                       "--device", "cpu"])
+    (tmp_path / "config.json").write_text(config.to_json(model, train))
+    resumed_model, resumed = cli.parse("torch", ["--out", str(tmp_path), "--resume"])
+    assert resumed_model == model  # where it runs is this command's: --device auto
+    assert resumed == dataclasses.replace(train, resume=True, device="auto")
+    longer_model, longer = cli.parse("torch", ["--out", str(tmp_path), "--resume",
+                                               "--max-steps", "800", "--hidden", "64"])
+    assert (longer.max_steps, longer.batch_size, longer.lr_schedule) == (800, 32, "constant")
+    assert (longer_model.hidden, longer_model.beta) == (64, 1.0)  # the loop refuses hidden
+
+
+def test_a_prior_records_its_vqvae_absolute_and_resumes_with_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    prior_cfg, train = cli.parse_prior("jax", ["--vqvae", "tests", "--out", str(tmp_path),
+                                               "--channels", "16", "--max-steps", "9"])
+    assert prior_cfg.vqvae == os.path.join(ROOT, "tests")  # found from any directory
+    (tmp_path / "config.json").write_text(config.to_json(prior_cfg, train))
+    monkeypatch.chdir(tmp_path)
+    resumed_cfg, resumed = cli.parse_prior("jax", ["--out", str(tmp_path), "--resume"])
+    assert (resumed_cfg, resumed.max_steps, resumed.resume) == (prior_cfg, 9, True)
+
+
 @pytest.mark.parametrize("argv", [
     ["--dataset", "nope"], ["--batch-size", "0"], ["--batch-size", "-3"], ["--lr", "nan"],
     ["--lr", "5"], ["--lr", "inf"], ["--frobnicate"], ["--epochs", "two"], ["--beta", "-1"],
     ["--restart-below", "-0.1"], ["--restart-below", "0.9"], ["--codebook-update", "sgd"],
     ["--ema-decay", "1"], ["--ema-epsilon", "0"], ["--codebook-init", "random"],
-    ["--kmeans-images", "0"], ["--eval-images", "0"], ["--steps-per-call", "0"],
+    ["--kmeans-images", "0"], ["--eval-images", "1"], ["--steps-per-call", "0"],
 ])
 def test_bad_input_is_a_user_error(argv):
     with pytest.raises(UserError):
@@ -223,6 +249,13 @@ def test_main_turns_a_user_error_from_fit_into_status_2(capsys):
     assert capsys.readouterr().err == "error: no data here\n"
 
 
+def test_a_subcommand_after_the_flags_is_told_where_it_goes(capsys):
+    assert cli.main("torch", lambda model, train: None, ["--epochs", "2", "prior"],
+                    fit_prior=lambda prior_cfg, train: None) == 2
+    assert capsys.readouterr().err == ("error: unrecognized arguments: prior (the subcommand "
+                                       "comes first: train_torch.py prior [flags])\n")
+
+
 def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     for path, reason in [(tmp_path / "file" / "e.json", "is not a directory"),
@@ -231,6 +264,13 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
         with pytest.raises(UserError, match=f"cannot write --json {path}: .*{reason}"):
             cli.check_output_file(str(path), "--json")
     cli.check_output_file(str(tmp_path / "file"), "--json")  # written over: allowed
+    (tmp_path / "e.json").write_text("{}")
+    (tmp_path / "empty").write_text("")
+    for path in ("e.json", "empty", "new.json"):  # what evaluate.py wrote, or nothing
+        cli.check_output_file(str(tmp_path / path), "--json", kind="JSON")
+    with pytest.raises(UserError, match="it exists and is not a JSON file, so it is not "
+                                        "written over"):  # a checkpoint given by mistake
+        cli.check_output_file(str(tmp_path / "file"), "--json", kind="JSON")
     with pytest.raises(UserError, match="it exists, and is never written over"):
         cli.check_output_file(str(tmp_path / "file"), "--out", new=True)
     cli.check_output_file(str(tmp_path / "a" / "b" / "new.pt"), "--out", new=True)  # made

@@ -202,6 +202,15 @@ def test_an_existing_out_is_never_written_over_and_a_new_one_gets_its_folders(
         assert convert.main(argv) == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("source, out, says", [
+    ("--from-jax", "x/", "a PyTorch checkpoint is a file"),
+    ("--from-torch", "x.pt", "a Flax checkpoint is a directory")])
+def test_an_out_of_the_other_format_is_refused(tmp_path, capsys, source, out, says):
+    assert convert.main([source, str(tmp_path), "--out", os.path.join(tmp_path, out)]) == 2
+    assert says in capsys.readouterr().err
+    assert not os.path.lexists(tmp_path / "x") and not os.path.lexists(tmp_path / "x.pt")
+
+
 def _bad_inputs(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint\n" * 20)

@@ -74,3 +74,10 @@ def test_a_directory_without_a_complete_step_is_a_user_error(tmp_path, kind):
         shutil.rmtree(path / "1")
     with pytest.raises(UserError, match="not a Flax checkpoint directory|no complete"):
         JAX.make().load(str(path))
+
+
+def test_a_step_folder_given_for_its_checkpoint_names_the_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint"
+    JAX.make().save(str(path), 20)
+    with pytest.raises(UserError, match=f"it is one step of the checkpoint {path}, pass that"):
+        JAX.make().load(str(path / "20"))

@@ -159,13 +159,17 @@ def test_a_tiny_prior_trains_resumes_and_samples(tiny_data, tmp_path, capsys):
     with pytest.raises(UserError, match="holds a PixelCNN prior, not a VQ-VAE"):
         Twin.from_checkpoint(str(tmp_path / "run" / PriorTwin.checkpoint_name))
     # sample.py on it: a grid, or one line before any work where --out cannot be written
-    checkpoint = str(tmp_path / "run" / PriorTwin.checkpoint_name)
-    assert sample.main(["--prior", checkpoint, "--num", "2", "--out", str(tmp_path / "s.png")]) == 0
+    checkpoint, grid = str(tmp_path / "run" / PriorTwin.checkpoint_name), str(tmp_path / "s.png")
+    assert sample.main(["--prior", checkpoint, "--num", "10", "--out", grid]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert sample.main(["--prior", checkpoint, "--out", str(tmp_path / "s.png" / "x.png")]) == 2
-    os.rename(vqvae, vqvae + ".moved")  # the VQ-VAE the prior records is gone: --vqvae
     capsys.readouterr()
+    assert sample.main(["--prior", checkpoint, "--out", vqvae]) == 2  # a checkpoint stays
+    assert "is not a PNG file, so it is not written over" in capsys.readouterr().err
+    assert sample.main(["--prior", checkpoint, "--num", "15", "--out", grid]) == 2
+    assert "one row of samples per class: choose a multiple of 10" in capsys.readouterr().err
+    os.rename(vqvae, vqvae + ".moved")  # the VQ-VAE the prior records is gone: --vqvae
     assert sample.main(["--prior", checkpoint, "--out", str(tmp_path / "s.png")]) == 2
     assert "which is not there: pass --vqvae" in capsys.readouterr().err
-    assert sample.main(["--prior", checkpoint, "--vqvae", vqvae + ".moved", "--num", "1",
-                        "--out", str(tmp_path / "s.png")]) == 0
+    assert sample.main(["--prior", checkpoint, "--vqvae", vqvae + ".moved", "--num", "10",
+                        "--out", str(tmp_path / "s.png")]) == 0  # a PNG is written over

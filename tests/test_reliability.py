@@ -374,10 +374,27 @@ def test_a_run_of_another_kind_in_the_same_out_is_refused_and_changes_nothing(
         fake_data, tmp_path, resume):
     train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)
     loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    (tmp_path / "train.lock").unlink()  # as in a run copied without it (trained_models/)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match="another kind of run \\(its checkpoint: fake.json"):
         loop.fit(OtherKindTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=resume))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_files_of_a_runs_names_that_no_run_wrote_are_never_written_over(fake_data, tmp_path):
+    (tmp_path / "config.json").write_text('{"my": "notes"}')
+    (tmp_path / "reconstruction.png").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="holds config.json, reconstruction.png, which no run "
+                                        "wrote and this one would write over"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    (tmp_path / "config.json").unlink()  # one a run wrote is written over: a fresh start
+    loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "run"), batch_size=4,
+                                                          max_steps=2))
+    (tmp_path / "run" / "fake.json").unlink()  # killed before its first checkpoint
+    loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "run"), batch_size=4,
+                                                          max_steps=2))
 
 
 @pytest.mark.parametrize("flag,value", [("batch_size", 8), ("seed", 1), ("dataset", "cifar10")])

@@ -78,7 +78,7 @@ class CheckpointRecord:
         and a Flax optimizer state has a shape per schedule)."""
         if self.weights_only:
             raise UserError(f"{path} holds weights only (a converted checkpoint): it can be "
-                            f"evaluated but not resumed")
+                            f"evaluated but not resumed (--init-from starts a new run from it)")
         if self.lr_schedule != lr_schedule:
             raise UserError(f"--lr-schedule {lr_schedule}: {path} was trained with "
                             f"--lr-schedule {self.lr_schedule}; resume it with that one")

@@ -64,7 +64,8 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_c
     option = option or "--" + name.replace("_", "-")
     kind = typing.get_type_hints(config_class)[name]
     if kind is bool:
-        parser.add_argument(option, dest=name, action="store_true", help=help_text)
+        parser.add_argument(option, dest=name, action="store_true", help=help_text,
+                            **({"default": default} if default is argparse.SUPPRESS else {}))
         return
     default = field.default if default is dataclasses.MISSING else default
     shown = default_text or (None if default in (None, argparse.SUPPRESS) else default)
@@ -86,7 +87,9 @@ def _preset_defaults(name: str) -> str:
     return ", ".join(f"{value} for {dataset}" for dataset, value in values.items())
 
 
-def build_parser(framework: str) -> argparse.ArgumentParser:
+def build_parser(framework: str, defaults: bool = True) -> argparse.ArgumentParser:
+    """train_X.py's parser; `defaults` False: every flag left out is absent (what a command
+    line gives)."""
     p = UserErrorParser(
         prog=f"train_{framework}.py",
         description=f"Train a VQ-VAE (van den Oord et al. 2017) in {framework} on MNIST or "
@@ -97,8 +100,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
                "a trained VQ-VAE")
     training = p.add_argument_group("training")
     for field in flag_fields(cfg.TrainConfig):  # each twin's runs in a folder of their own
+        default = f"runs/latest_{framework}" if field.name == "out" else dataclasses.MISSING
         add_flag(training, cfg.TrainConfig, field.name,
-                 default=f"runs/latest_{framework}" if field.name == "out" else dataclasses.MISSING)
+                 default=default if defaults else argparse.SUPPRESS)
     model = p.add_argument_group("model", "a flag left out takes the dataset's preset")
     for field in flag_fields(cfg.ModelConfig):
         add_flag(model, cfg.ModelConfig, field.name, default=argparse.SUPPRESS,
@@ -109,10 +113,36 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
 def parse(framework: str, argv: Sequence[str] | None = None
           ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
     args = vars(build_parser(framework).parse_args(argv))
+    recorded_model = None
+    if args["resume"]:
+        given = vars(build_parser(framework, defaults=False).parse_args(argv))
+        recorded_model = take_recorded_flags(args, given)
     model_flags = {f.name: args.pop(f.name) for f in flag_fields(cfg.ModelConfig)
                    if f.name in args}  # absent unless given: the preset's value stands
-    model = dataclasses.replace(cfg.DATASETS[args["dataset"]].preset, **model_flags)
-    return model, cfg.TrainConfig(**args)
+    model = (cfg.model_config(recorded_model) if recorded_model is not None
+             else cfg.DATASETS[args["dataset"]].preset)
+    return dataclasses.replace(model, **model_flags), cfg.TrainConfig(**args)
+
+
+# Where and on what a run trains: a resumed run takes them from its command, not its record
+FROM_COMMAND_ON_RESUME = ("out", "resume", "init_from", "data_dir", "device", "num_devices")
+
+
+def take_recorded_flags(args: dict[str, Any], given: dict[str, Any]
+                        ) -> dict[str, Any] | None:
+    """--resume: the training flags that `args` holds and the command line did not give
+    (`given`) take the values --out's config.json recorded, so that `--out X --resume`
+    continues the run as it was started (its --max-steps, and so its schedule, included).
+    Returns the recorded model config (None where there is none), for the model flags not
+    given. The loop then refuses a given flag the run cannot change."""
+    record = cfg.read_run(args["out"])
+    train = record.get("train")
+    if isinstance(train, dict):
+        for name, value in train.items():
+            if name in args and name not in given and name not in FROM_COMMAND_ON_RESUME:
+                args[name] = value
+    model = record.get("model")
+    return model if isinstance(model, dict) else None
 
 
 # What a prior's run takes from TrainConfig: not the VQ-VAE's codebook start
@@ -124,7 +154,8 @@ PRIOR_HELP = {"dataset": "dataset whose images the VQ-VAE encodes",
               "lr": "Adam learning rate (of the first step, under --lr-schedule cosine)"}
 
 
-def build_prior_parser(framework: str) -> argparse.ArgumentParser:
+def build_prior_parser(framework: str, defaults: bool = True) -> argparse.ArgumentParser:
+    """train_X.py prior's parser; `defaults` as build_parser's."""
     p = UserErrorParser(
         prog=f"train_{framework}.py prior",
         description=f"Train a gated PixelCNN prior (van den Oord et al. 2016) in {framework} "
@@ -133,19 +164,29 @@ def build_prior_parser(framework: str) -> argparse.ArgumentParser:
                     "image, beside the per-position marginal baseline), TensorBoard events, "
                     "a checkpoint and samples.png into --out.")
     training = p.add_argument_group("training")
-    defaults = {**prior.TRAIN_DEFAULTS, "out": f"runs/prior_{framework}"}
+    prior_defaults = {**prior.TRAIN_DEFAULTS, "out": f"runs/prior_{framework}"}
     for name in PRIOR_TRAIN_FLAGS:
-        add_flag(training, cfg.TrainConfig, name, default=defaults.get(name, dataclasses.MISSING),
-                 help_text=PRIOR_HELP.get(name))
+        add_flag(training, cfg.TrainConfig, name, help_text=PRIOR_HELP.get(name),
+                 default=(prior_defaults.get(name, dataclasses.MISSING) if defaults
+                          else argparse.SUPPRESS))
     model = p.add_argument_group("prior")
     for field in flag_fields(prior.PriorConfig):
-        add_flag(model, prior.PriorConfig, field.name)
+        add_flag(model, prior.PriorConfig, field.name,
+                 default=dataclasses.MISSING if defaults else argparse.SUPPRESS)
     return p
 
 
 def parse_prior(framework: str, argv: Sequence[str] | None = None
                 ) -> tuple[prior.PriorConfig, cfg.TrainConfig]:
     args = vars(build_prior_parser(framework).parse_args(argv))
+    given = vars(build_prior_parser(framework, defaults=False).parse_args(argv))
+    if given.get("vqvae") is not None:  # recorded as an absolute path: any directory finds it
+        args["vqvae"] = os.path.abspath(given["vqvae"])
+    if args["resume"]:
+        recorded = take_recorded_flags(args, given) or {}
+        for field in flag_fields(prior.PriorConfig):
+            if field.name in recorded and field.name not in given:
+                args[field.name] = recorded[field.name]
     model_flags = {f.name: args.pop(f.name) for f in flag_fields(prior.PriorConfig)}
     if model_flags["vqvae"] is None:
         raise UserError("--vqvae is required: the VQ-VAE checkpoint whose codes the prior "
@@ -155,10 +196,17 @@ def parse_prior(framework: str, argv: Sequence[str] | None = None
     return prior.PriorConfig(**model_flags), cfg.TrainConfig(**args)
 
 
-def check_output_file(path: str, flag: str, new: bool = False) -> None:
+# How each kind of file a tool writes begins: an existing file is written over only if it
+# is one of them (or empty), never a checkpoint or anything else given by mistake
+OUTPUT_SIGNATURES = {"JSON": b"{", "PNG": b"\x89PNG\r\n\x1a\n"}
+
+
+def check_output_file(path: str, flag: str, new: bool = False, kind: str | None = None
+                      ) -> None:
     """A UserError, before any work is done, where `path` cannot be written: its directory
-    missing or not writable, or `path` a directory. A `new` path must not exist, and only
-    its nearest existing ancestor must be a writable directory (the writer makes the rest)."""
+    missing or not writable, or `path` a directory, or an existing file that is not of the
+    `kind` written there (OUTPUT_SIGNATURES). A `new` path must not exist, and only its
+    nearest existing ancestor must be a writable directory (the writer makes the rest)."""
     directory = os.path.dirname(os.path.abspath(path))
     while new and not os.path.lexists(directory):
         directory = os.path.dirname(directory)
@@ -171,8 +219,23 @@ def check_output_file(path: str, flag: str, new: bool = False) -> None:
         reason = "it exists, and is never written over: remove it or choose another"
     elif os.path.isdir(path):
         reason = "it is a directory"
+    elif kind is not None and not _empty_or_begins(path, OUTPUT_SIGNATURES[kind]):
+        reason = (f"it exists and is not a {kind} file, so it is not written over: remove it "
+                  f"or choose another")
     if reason is not None:
         raise UserError(f"cannot write {flag} {path}: {reason}")
+
+
+def _empty_or_begins(path: str, signature: bytes) -> bool:
+    """Whether `path` is missing, empty, or a file that begins with `signature`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(signature))
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return head in (b"", signature)
 
 
 def report_errors(run: Callable[[], object]) -> int:
@@ -212,6 +275,18 @@ def _drop_late_event_loop_errors() -> None:
     sys.unraisablehook = hook
 
 
+def _subcommand_first(framework: str, parse_flags: Callable[[], Any]) -> Any:
+    """`parse_flags()`, whose error for a `prior` after the flags says where it goes."""
+    try:
+        return parse_flags()
+    except UserError as e:
+        unrecognized = str(e).partition("unrecognized arguments:")[2].split()
+        if "prior" in unrecognized:
+            raise UserError(f"{e} (the subcommand comes first: train_{framework}.py prior "
+                            f"[flags])") from None
+        raise
+
+
 def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
          argv: Sequence[str] | None = None,
          fit_prior: Callable[[prior.PriorConfig, cfg.TrainConfig], object] | None = None
@@ -223,4 +298,5 @@ def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], objec
     argv = list(sys.argv[1:] if argv is None else argv)
     if fit_prior is not None and argv[:1] == ["prior"]:
         return report_errors(lambda: fit_prior(*parse_prior(framework, argv[1:])))
-    return report_errors(lambda: fit(*parse(framework, argv)))
+    return report_errors(
+        lambda: fit(*_subcommand_first(framework, lambda: parse(framework, argv))))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -54,8 +55,8 @@ class ModelConfig:
     restart_below: float = flag(
         0.01, "after each step, move a code onto an encoder output of the batch when its "
               "moving-average share of the vectors is below this fraction of the uniform "
-              "share 1/K (so the first step re-initialises the codebook from data); 0 never "
-              "restarts, as in the paper", (0.0, 0.5))
+              "share 1/K (from --codebook-init uniform, the first step so re-initialises the "
+              "codebook from data); 0 never restarts, as in the paper", (0.0, 0.5))
     usage_decay: float = 0.99
     codebook_update: str = flag(
         "grad", "how the codebook learns: grad (the codebook loss term, by the optimizer) or "
@@ -115,7 +116,8 @@ class TrainConfig:
                                  (1, 10**9))
     batch_size: int = flag(64, "training images per optimizer step", (1, 65_536))
     eval_images: int | None = flag(None, "evaluate on the first N test images only, as smoke "
-                                         "runs do (default: the whole test split)", (1, 10**9))
+                                         "runs do; at least 2, the interpolation's ends "
+                                         "(default: the whole test split)", (2, 10**9))
     eval_batch_size: int = flag(500, "test images per forward pass when evaluating: it sets "
                                      "the memory used, not the results", (1, 65_536))
     lr: float = flag(2e-3, "Adam learning rate (of the first step, under --lr-schedule "
@@ -135,7 +137,11 @@ class TrainConfig:
               "JAX takes the first N of --device's kind, PyTorch needs N processes under "
               "torchrun (default: JAX every visible one; PyTorch torchrun's process count)",
         (1, 65_536))
-    resume: bool = flag(False, "continue from the checkpoint in --out")
+    resume: bool = flag(False, "continue from the checkpoint in --out with the flags its "
+                               "config.json records; a flag given here replaces the recorded "
+                               "one where a run may change it (--epochs, --max-steps, --lr, "
+                               "...) and is refused where not (--batch-size, --seed, "
+                               "--dataset, --lr-schedule, model flags)")
     init_from: str | None = flag(
         None, "fine-tune: start a new run from the model of this checkpoint of the same twin "
               "(a train_torch.py .pt file, a train_jax.py checkpoint directory; convert.py "
@@ -201,6 +207,16 @@ def to_json(model: ModelConfig, train: TrainConfig, run: dict[str, Any] | None =
     (num_devices, device_kind) and its checkpoint's name, which from_json does not need."""
     return json.dumps({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
                        **(run or {})}, indent=2, sort_keys=True)
+
+
+def read_run(out: str) -> dict[str, Any]:
+    """`out`'s config.json as a dict; {} where there is none (or it is not a JSON object)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import sys
@@ -41,6 +40,7 @@ from vqvae_common.stop_signals import StopSignals, Stopped
 
 INTERPOLATION_FRAMES = 16
 GRID_PAIRS = 32
+RECONSTRUCTION_PICTURES = ("reconstruction.png", "interpolation.gif", "loss_curves.png")
 
 
 class Twin(Protocol):
@@ -154,6 +154,7 @@ class Task(Protocol):
     """What a run trains on and measures; `fit` keeps the books around it."""
 
     progress_keys: tuple[str, ...]  # the train terms the progress bar shows
+    pictures: tuple[str, ...]  # the files write_artifacts writes into --out
 
     def load(self, split: str) -> Any:
         """The split's data as read from disk (before `start`)."""
@@ -179,6 +180,7 @@ class Reconstruction:
     """The VQ-VAE's Task: images in, reconstruction metrics and pictures out."""
 
     progress_keys = ("loss", "recon")
+    pictures = RECONSTRUCTION_PICTURES
 
     def __init__(self, train_cfg: cfg.TrainConfig) -> None:
         self.train_cfg = train_cfg
@@ -215,13 +217,14 @@ class Reconstruction:
 
 
 def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
+    grid, gif, curves = (os.path.join(out, name) for name in RECONSTRUCTION_PICTURES)
     targets = data.to_float(test_images[:GRID_PAIRS])
     recons, _, _ = twin.evaluate(targets)
-    images.reconstruction_grid(targets, recons, os.path.join(out, "reconstruction.png"))
+    images.reconstruction_grid(targets, recons, grid)
     z = twin.encode(targets[:2])
     frames = twin.decode(images.interpolation_latents(z[0], z[1], INTERPOLATION_FRAMES))
-    images.interpolation_gif(frames, os.path.join(out, "interpolation.gif"))
-    images.loss_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss_curves.png"))
+    images.interpolation_gif(frames, gif)
+    images.loss_curves(os.path.join(out, "metrics.jsonl"), curves)
 
 
 def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
@@ -236,9 +239,10 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
     ckpt = os.path.join(out, make_twin.checkpoint_name)
     main = getattr(make_twin, "join_processes", lambda _: (0, 1))(train_cfg)[0] == 0
     lock = RunLock(out) if main and os.path.isdir(out) else None
+    wrote = False  # into --out: until then, a refusal leaves it as it was
     try:
         with StopSignals() as stop:
-            _check_out(make_twin, ckpt, train_cfg, out)
+            _check_out(make_twin, ckpt, train_cfg, out, task.pictures)
             train, test = task.load("train"), task.load("test")
             schedule = Schedule.of(len(train), train_cfg)
             twin = make_twin(model_cfg, train_cfg, total_steps=schedule.total)
@@ -263,6 +267,7 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
                 make_twin.remove_partial_checkpoints(ckpt)
                 write_atomic(os.path.join(out, "config.json"),
                              cfg.to_json(twin.config, train_cfg, run_record))
+                wrote = True
             records = (Logbook(out, resume_step=step if train_cfg.resume else None) if main
                        else _NoRecords())
             with records as logbook:
@@ -272,7 +277,7 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
                 return run.train(train, step)
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(discard=not wrote)
 
 
 def _run_record(twin: Twin, checkpoint_name: str) -> dict[str, Any]:
@@ -446,18 +451,19 @@ class _Run:
 
 
 def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
-               out: str) -> None:
+               out: str, pictures: tuple[str, ...]) -> None:
     """--resume needs a complete checkpoint of this twin's kind, and the flags that fix the
     data order; a fresh run must not write over a checkpoint, nor over the records of a run
     of another kind (the other twin, or a prior in a VQ-VAE's --out), which config.json
     names by its checkpoint (an older version's config.json does not: then the checkpoint
-    that --out holds tells)."""
+    that --out holds tells), nor over files of its names (config.json, metrics.jsonl,
+    `pictures`) where no run's config.json says a run wrote them."""
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    recorded, ours = _recorded_run(out), make_twin.checkpoint_name
+    recorded, ours = cfg.read_run(out), make_twin.checkpoint_name
     name = recorded.get("checkpoint")
     if not isinstance(name, str):  # no config.json, or an older version's: the files tell
         held = checkpoint_in(out)
@@ -472,6 +478,12 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
+    ran = isinstance(recorded.get("model"), dict) and isinstance(recorded.get("train"), dict)
+    ours_to_write = [name for name in ("config.json", "metrics.jsonl", *pictures)
+                     if os.path.lexists(os.path.join(out, name))]
+    if not train_cfg.resume and not ran and ours_to_write:
+        raise UserError(f"{out} holds {', '.join(ours_to_write)}, which no run wrote and this "
+                        f"one would write over: choose another --out")
     flags = recorded.get("train") if train_cfg.resume else None
     for flag in ("dataset", "batch_size", "seed"):  # the data order the steps replay
         if isinstance(flags, dict) and flag in flags and flags[flag] != getattr(train_cfg, flag):
@@ -479,12 +491,3 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
             raise UserError(f"--resume: {out} was trained with {option} {flags[flag]}; resume "
                             f"it with that one")
 
-
-def _recorded_run(out: str) -> dict[str, Any]:
-    """`out`'s config.json as a dict; {} where there is none (or it is not a JSON object)."""
-    try:
-        with open(os.path.join(out, "config.json")) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}

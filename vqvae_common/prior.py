@@ -91,7 +91,8 @@ def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str) -
     channels = cfg.DATASETS[dataset].image_shape[2]
     if vqvae_cfg.in_channels != channels:
         raise UserError(f"the VQ-VAE {prior_cfg.vqvae} takes {vqvae_cfg.in_channels}-channel "
-                        f"images, {dataset} has {channels}: pass the matching --dataset")
+                        f"images and {dataset} has {channels}: a prior and its VQ-VAE are of "
+                        f"one dataset")
     return dataclasses.replace(prior_cfg, dataset=dataset, num_codes=vqvae_cfg.num_codes)
 
 
@@ -213,6 +214,7 @@ class PriorTask:
     grids as the epoch's picture."""
 
     progress_keys = ("loss",)
+    pictures = ("samples.png",)
 
     def __init__(self, framework: str, prior_cfg: PriorConfig, train_cfg: cfg.TrainConfig
                  ) -> None:
@@ -269,4 +271,4 @@ class PriorTask:
     def write_artifacts(self, twin: Any, test: Labelled, out: str) -> None:
         count = (10 * twin.config.num_classes if twin.config.num_classes
                  else SAMPLES_PER_ROW * SAMPLES_PER_ROW)
-        write_samples(twin, count, SAMPLE_SEED, os.path.join(out, "samples.png"))
+        write_samples(twin, count, SAMPLE_SEED, os.path.join(out, self.pictures[0]))

@@ -17,7 +17,8 @@ class RunLock:
     UserError at once and changes nothing there."""
 
     def __init__(self, out: str) -> None:
-        path = os.path.join(out, LOCK_NAME)
+        path = self.path = os.path.join(out, LOCK_NAME)
+        self.created = not os.path.lexists(path)
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -32,5 +33,12 @@ class RunLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """`discard`: a run refused before it wrote anything also takes away the lock file it
+        created, so that nothing is left behind in a folder it was not allowed to use."""
+        if discard and self.created:
+            try:
+                os.unlink(self.path)  # while still held: a trainer opening it now fails
+            except OSError:
+                pass
         os.close(self._fd)

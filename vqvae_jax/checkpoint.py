@@ -125,7 +125,10 @@ def _reading(path: str, kind: str):
         with _manager(path) as manager:
             step = manager.latest_step()
             if step is None:
-                raise UserError(f"{path} holds no complete checkpoint")
+                parent = os.path.dirname(os.path.normpath(path))
+                hint = (f": it is one step of the checkpoint {parent}, pass that"
+                        if os.path.basename(os.path.normpath(path)).isdigit() else "")
+                raise UserError(f"{path} holds no complete checkpoint{hint}")
             yield manager, step
     except UserError:
         raise
