@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity_tests import tolerances as tol
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_DEVICES = "--xla_force_host_platform_device_count=2"
-LOSS = 1e-9  # float64, relative: each loss term at each of 20 steps. float32: the total
-#              loss is held to the parity suite's float32 training bound (rounding amplified
-#              by Adam and the argmin; measured 3.6e-4), the terms are reported
+LOSS = 1e-9  # float64, relative: each loss term at each of 20 steps
 STATE = 1e-9  # float64, relative: every array of model and optimizer, except two kinds.
 # A conv bias that feeds a BatchNorm has an exact gradient of 0, so Adam moves it by +-lr
 # on the sign of rounding noise, which differs with the order of the sums (1 or 2 devices),
@@ -42,17 +39,13 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_two_devices_give_the_one_device_loss_terms_at_every_step(runs, dtype):
-    one, two = runs[0]["losses"][f"{dtype}/1"], runs[0]["losses"][f"{dtype}/2"]
+def test_two_devices_give_the_one_device_loss_terms_at_every_step(runs):
+    one, two = runs[0]["losses"]["float64/1"], runs[0]["losses"]["float64/2"]
     assert len(one) == len(two) == 20
     assert one[-1]["recon"] < one[0]["recon"]
     worst = {k: max(abs(b[k] - a[k]) / abs(a[k]) for a, b in zip(one, two)) for k in one[0]}
-    print(f"{dtype}: worst relative difference of each loss term over 20 steps {worst}")
-    if dtype == "float64":
-        assert max(worst.values()) <= LOSS
-    else:
-        assert worst["loss"] <= tol.TRAIN_LOSS_FLOAT32
+    print(f"float64: worst relative difference of each loss term over 20 steps {worst}")
+    assert max(worst.values()) <= LOSS
 
 
 def test_two_devices_end_with_the_one_device_state_in_float64(runs):
