@@ -94,6 +94,25 @@ def test_resume_takes_the_flags_the_run_recorded(tmp_path):
     assert (longer_model.hidden, longer_model.beta) == (64, 1.0)  # the loop refuses hidden
 
 
+def test_resume_in_a_priors_out_leaves_the_refusal_to_the_loop(tmp_path):
+    prior_cfg, train = cli.parse_prior("jax", ["--vqvae", "tests", "--out", str(tmp_path)])
+    (tmp_path / "config.json").write_text(config.to_json(prior_cfg, train))
+    assert cli.parse("jax", ["--out", str(tmp_path), "--resume"])[1].resume  # then the
+    #   loop refuses: "holds another kind of run"
+
+
+def test_a_recorded_flag_out_of_todays_bounds_is_named_and_can_be_given_anew(tmp_path):
+    model, train = cli.parse("torch", ["--out", str(tmp_path), "--eval-images", "2"])
+    recorded = json.loads(config.to_json(model, train))
+    recorded["train"]["eval_images"] = 1  # a bound an earlier version did not have
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match="--eval-images 1 is out of range: expected 2 to "
+                                        ".*, as .*config.json records it: give that flag anew"):
+        cli.parse("torch", ["--out", str(tmp_path), "--resume"])
+    resumed = cli.parse("torch", ["--out", str(tmp_path), "--resume", "--eval-images", "5"])
+    assert resumed[1].eval_images == 5
+
+
 def test_a_prior_records_its_vqvae_absolute_and_resumes_with_it(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     prior_cfg, train = cli.parse_prior("jax", ["--vqvae", "tests", "--out", str(tmp_path),
@@ -266,7 +285,8 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     cli.check_output_file(str(tmp_path / "file"), "--json")  # written over: allowed
     (tmp_path / "e.json").write_text("{}")
     (tmp_path / "empty").write_text("")
-    for path in ("e.json", "empty", "new.json"):  # what evaluate.py wrote, or nothing
+    os.mkfifo(tmp_path / "pipe")  # not a regular file: not opened, so no wait for a writer
+    for path in ("e.json", "empty", "new.json", "pipe"):  # what evaluate.py wrote, or nothing
         cli.check_output_file(str(tmp_path / path), "--json", kind="JSON")
     with pytest.raises(UserError, match="it exists and is not a JSON file, so it is not "
                                         "written over"):  # a checkpoint given by mistake

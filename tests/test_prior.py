@@ -11,6 +11,7 @@ import pytest
 import sample
 import train_jax
 import train_torch
+from vqvae_common import checkpoint_record
 from vqvae_common import config as cfg
 from vqvae_common import loop
 from vqvae_common import prior
@@ -46,6 +47,17 @@ def test_gumbel_noise_is_the_seeds_and_standard():
     np.testing.assert_array_equal(a, prior.gumbel_noise(3, 200, (7, 7), 16))
     assert abs(a.mean() - np.euler_gamma) < 0.01  # the standard Gumbel's mean
     assert not np.array_equal(a, prior.gumbel_noise(4, 200, (7, 7), 16))
+
+
+def test_a_priors_vqvae_is_compared_by_the_file_its_path_names(monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # a prior recorded before stop 39 holds the path as given
+    record = checkpoint_record.CheckpointRecord(
+        "torch", prior.PriorConfig(vqvae="tests", num_codes=8), 1, kind="prior")
+    record.check_config(prior.PriorConfig(vqvae=os.path.join(root, "tests"), num_codes=8), "p")
+    with pytest.raises(UserError, match="holds a model with config vqvae"):
+        record.check_config(prior.PriorConfig(vqvae=os.path.join(root, "bench"), num_codes=8),
+                            "p")
 
 
 def test_sample_labels_give_each_class_a_row():

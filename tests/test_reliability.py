@@ -389,7 +389,10 @@ def test_files_of_a_runs_names_that_no_run_wrote_are_never_written_over(fake_dat
                                         "wrote and this one would write over"):
         loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    (tmp_path / "config.json").unlink()  # one a run wrote is written over: a fresh start
+    (tmp_path / "config.json").unlink()  # a picture alone: still no run's
+    with pytest.raises(UserError, match=f"{tmp_path} holds reconstruction.png, which no run"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
+    # the files of a run killed before its first checkpoint: a fresh start writes over them
     loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "run"), batch_size=4,
                                                           max_steps=2))
     (tmp_path / "run" / "fake.json").unlink()  # killed before its first checkpoint

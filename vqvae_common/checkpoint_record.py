@@ -64,7 +64,7 @@ class CheckpointRecord:
 
     def check_config(self, config: ModelConfig | PriorConfig, path: str) -> None:
         """Refuse a checkpoint of another model config (trained with other flags)."""
-        held, wanted = dataclasses.asdict(self.model_config), dataclasses.asdict(config)
+        held, wanted = (_comparable(dataclasses.asdict(c)) for c in (self.model_config, config))
         if held != wanted:
             differ = ", ".join(f"{key} {held.get(key)} (not {wanted.get(key)})"
                                for key in sorted(held.keys() | wanted.keys())
@@ -82,6 +82,14 @@ class CheckpointRecord:
         if self.lr_schedule != lr_schedule:
             raise UserError(f"--lr-schedule {lr_schedule}: {path} was trained with "
                             f"--lr-schedule {self.lr_schedule}; resume it with that one")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config as check_config compares it: a prior's VQ-VAE by the file its path names
+    (priors record it absolute; before stop 39, as given on the command line)."""
+    if isinstance(config.get("vqvae"), str):
+        return {**config, "vqvae": os.path.realpath(config["vqvae"])}
+    return config
 
 
 def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool,

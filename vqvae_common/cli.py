@@ -112,37 +112,45 @@ def build_parser(framework: str, defaults: bool = True) -> argparse.ArgumentPars
 
 def parse(framework: str, argv: Sequence[str] | None = None
           ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(build_parser(framework).parse_args(argv))
-    recorded_model = None
     if args["resume"]:
-        given = vars(build_parser(framework, defaults=False).parse_args(argv))
-        recorded_model = take_recorded_flags(args, given)
+        names = {f.name for c in (cfg.TrainConfig, cfg.ModelConfig) for f in flag_fields(c)}
+        args = resumed(lambda defaults: build_parser(framework, defaults), args["out"], names,
+                       argv)
     model_flags = {f.name: args.pop(f.name) for f in flag_fields(cfg.ModelConfig)
                    if f.name in args}  # absent unless given: the preset's value stands
-    model = (cfg.model_config(recorded_model) if recorded_model is not None
-             else cfg.DATASETS[args["dataset"]].preset)
-    return dataclasses.replace(model, **model_flags), cfg.TrainConfig(**args)
+    model = dataclasses.replace(cfg.DATASETS[args["dataset"]].preset, **model_flags)
+    return model, cfg.TrainConfig(**args)
 
 
 # Where and on what a run trains: a resumed run takes them from its command, not its record
 FROM_COMMAND_ON_RESUME = ("out", "resume", "init_from", "data_dir", "device", "num_devices")
 
 
-def take_recorded_flags(args: dict[str, Any], given: dict[str, Any]
-                        ) -> dict[str, Any] | None:
-    """--resume: the training flags that `args` holds and the command line did not give
-    (`given`) take the values --out's config.json recorded, so that `--out X --resume`
-    continues the run as it was started (its --max-steps, and so its schedule, included).
-    Returns the recorded model config (None where there is none), for the model flags not
-    given. The loop then refuses a given flag the run cannot change."""
-    record = cfg.read_run(args["out"])
-    train = record.get("train")
-    if isinstance(train, dict):
-        for name, value in train.items():
-            if name in args and name not in given and name not in FROM_COMMAND_ON_RESUME:
-                args[name] = value
+def resumed(build: Callable[[bool], argparse.ArgumentParser], out: str, names: set[str],
+            argv: list[str]) -> dict[str, Any]:
+    """--resume: the flags `argv` gives, over the ones --out's config.json recorded (those of
+    `names`, but where and on what it runs), so that `--out X --resume` continues the run as
+    it was started (its --max-steps, and so its schedule, included). The recorded flags pass
+    through the parser as a command line would (`build(defaults)`, bounds and choices
+    checked); the loop then refuses a given flag that the run cannot change."""
+    given = vars(build(False).parse_args(argv))
+    record = cfg.read_run(out)
     model = record.get("model")
-    return model if isinstance(model, dict) else None
+    values = {**(record.get("train") if isinstance(record.get("train"), dict) else {}),
+              **({**cfg.BEFORE_FIELD_EXISTED, **model} if isinstance(model, dict) else {})}
+    recorded = []
+    for name, value in values.items():
+        if name in names and name not in given and name not in FROM_COMMAND_ON_RESUME \
+                and value not in (None, False):
+            option = "--" + name.replace("_", "-")
+            recorded += [option] if value is True else [f"{option}={value}"]
+    try:
+        return vars(build(True).parse_args(recorded + argv))
+    except UserError as e:
+        raise UserError(f"{e}, as {os.path.join(out, 'config.json')} records it: give that "
+                        f"flag anew beside --resume") from None
 
 
 # What a prior's run takes from TrainConfig: not the VQ-VAE's codebook start
@@ -178,15 +186,14 @@ def build_prior_parser(framework: str, defaults: bool = True) -> argparse.Argume
 
 def parse_prior(framework: str, argv: Sequence[str] | None = None
                 ) -> tuple[prior.PriorConfig, cfg.TrainConfig]:
+    argv = list(sys.argv[2:] if argv is None else argv)  # the flags after "prior"
     args = vars(build_prior_parser(framework).parse_args(argv))
-    given = vars(build_prior_parser(framework, defaults=False).parse_args(argv))
-    if given.get("vqvae") is not None:  # recorded as an absolute path: any directory finds it
-        args["vqvae"] = os.path.abspath(given["vqvae"])
     if args["resume"]:
-        recorded = take_recorded_flags(args, given) or {}
-        for field in flag_fields(prior.PriorConfig):
-            if field.name in recorded and field.name not in given:
-                args[field.name] = recorded[field.name]
+        names = set(PRIOR_TRAIN_FLAGS) | {f.name for f in flag_fields(prior.PriorConfig)}
+        args = resumed(lambda defaults: build_prior_parser(framework, defaults), args["out"],
+                       names, argv)
+    if args["vqvae"] is not None:  # recorded as an absolute path: any directory finds it
+        args["vqvae"] = os.path.abspath(args["vqvae"])
     model_flags = {f.name: args.pop(f.name) for f in flag_fields(prior.PriorConfig)}
     if model_flags["vqvae"] is None:
         raise UserError("--vqvae is required: the VQ-VAE checkpoint whose codes the prior "
@@ -219,23 +226,25 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
         reason = "it exists, and is never written over: remove it or choose another"
     elif os.path.isdir(path):
         reason = "it is a directory"
-    elif kind is not None and not _empty_or_begins(path, OUTPUT_SIGNATURES[kind]):
-        reason = (f"it exists and is not a {kind} file, so it is not written over: remove it "
-                  f"or choose another")
+    elif kind is not None and os.path.isfile(path):
+        reason = _unlike(path, kind)
     if reason is not None:
         raise UserError(f"cannot write {flag} {path}: {reason}")
 
 
-def _empty_or_begins(path: str, signature: bytes) -> bool:
-    """Whether `path` is missing, empty, or a file that begins with `signature`."""
+def _unlike(path: str, kind: str) -> str | None:
+    """Why the existing regular file `path` is not written over as a `kind` file: None when
+    it is empty or begins as one (OUTPUT_SIGNATURES)."""
+    signature = OUTPUT_SIGNATURES[kind]
     try:
         with open(path, "rb") as f:
             head = f.read(len(signature))
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return head in (b"", signature)
+    except OSError as e:
+        return f"it exists and cannot be read ({e.strerror}) to tell what it holds"
+    if head in (b"", signature):
+        return None
+    return f"it exists and is not a {kind} file, so it is not written over: remove it or " \
+           f"choose another"
 
 
 def report_errors(run: Callable[[], object]) -> int:

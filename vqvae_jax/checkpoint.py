@@ -126,8 +126,10 @@ def _reading(path: str, kind: str):
             step = manager.latest_step()
             if step is None:
                 parent = os.path.dirname(os.path.normpath(path))
-                hint = (f": it is one step of the checkpoint {parent}, pass that"
-                        if os.path.basename(os.path.normpath(path)).isdigit() else "")
+                step_folder = (os.path.basename(os.path.normpath(path)).isdigit()
+                               and os.path.isdir(os.path.join(path, "meta")))
+                hint = f": it is one step of the checkpoint {parent}, pass that" if step_folder \
+                    else ""
                 raise UserError(f"{path} holds no complete checkpoint{hint}")
             yield manager, step
     except UserError:
