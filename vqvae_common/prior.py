@@ -157,9 +157,12 @@ def sample_labels(count: int, num_classes: int) -> np.ndarray:
 
 def write_samples(twin: Any, count: int, seed: int, path: str) -> np.ndarray:
     """Sample `count` code maps from `seed`'s noise, decode them and write the grid PNG (one
-    class per row when conditional); returns the codes."""
+    class per row when conditional: `count` a multiple of the classes); returns the codes."""
     config: PriorConfig = twin.config
-    per_row = -(-count // config.num_classes) if config.num_classes else SAMPLES_PER_ROW
+    if config.num_classes and count % config.num_classes:  # rows of unequal classes
+        raise UserError(f"{count} samples: the prior is class-conditional, one row of samples "
+                        f"per class: choose a multiple of {config.num_classes}")
+    per_row = count // config.num_classes if config.num_classes else SAMPLES_PER_ROW
     labels = sample_labels(count, config.num_classes)
     codes = twin.sample(labels, gumbel_noise(seed, count, config.code_shape, config.num_codes))
     images.sample_grid(twin.decode_codes(codes), path, per_row)
