@@ -61,7 +61,7 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_c
     `help_text` replace the field's default, how `--help` shows it, and its help."""
     field = next(f for f in flag_fields(config_class) if f.name == name)
     help_text, bounds = help_text or field.metadata["help"], field.metadata["bounds"]
-    option = option or "--" + name.replace("_", "-")
+    option = option or cfg.option(name)
     kind = typing.get_type_hints(config_class)[name]
     if kind is bool:
         parser.add_argument(option, dest=name, action="store_true", help=help_text,
@@ -144,8 +144,8 @@ def resumed(build: Callable[[bool], argparse.ArgumentParser], out: str, names: s
     for name, value in values.items():
         if name in names and name not in given and name not in FROM_COMMAND_ON_RESUME \
                 and value not in (None, False):
-            option = "--" + name.replace("_", "-")
-            recorded += [option] if value is True else [f"{option}={value}"]
+            flag = cfg.option(name)
+            recorded += [flag] if value is True else [f"{flag}={value}"]
     try:
         return vars(build(True).parse_args(recorded + argv))
     except UserError as e:

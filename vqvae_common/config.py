@@ -34,6 +34,11 @@ def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
                              metadata={"help": help, "bounds": bounds, "choices": choices})
 
 
+def option(name: str) -> str:
+    """The command-line option of the config field `name`: --batch-size for batch_size."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The VQ-VAE's shape: C image channels, D hidden/embedding width, K codes, beta, how the

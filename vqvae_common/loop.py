@@ -487,7 +487,6 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     flags = recorded.get("train") if train_cfg.resume else None
     for flag in ("dataset", "batch_size", "seed"):  # the data order the steps replay
         if isinstance(flags, dict) and flag in flags and flags[flag] != getattr(train_cfg, flag):
-            option = "--" + flag.replace("_", "-")
-            raise UserError(f"--resume: {out} was trained with {option} {flags[flag]}; resume "
-                            f"it with that one")
+            raise UserError(f"--resume: {out} was trained with {cfg.option(flag)} "
+                            f"{flags[flag]}; resume it with that one")
 
