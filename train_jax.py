@@ -20,5 +20,11 @@ def fit_prior(prior_cfg: prior.PriorConfig, train_cfg: TrainConfig) -> dict[str,
                     prior.PriorTask("jax", prior_cfg, train_cfg))
 
 
+def checkpoint_config(path: str) -> ModelConfig:
+    from vqvae_jax import checkpoint
+
+    return checkpoint.read_record(path).model_config
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main("jax", fit, fit_prior=fit_prior))
+    sys.exit(cli.main("jax", fit, fit_prior=fit_prior, checkpoint_config=checkpoint_config))

@@ -244,6 +244,28 @@ def test_only_the_make_install_brings_tensorflow():
         assert "pip install -e '.[test,prepare]'" in plan
 
 
+SEED_ERA = config.ModelConfig(in_channels=1, hidden=64, beta=1.0)  # a gradient codebook
+
+
+def test_init_from_takes_the_model_flags_its_checkpoint_records():
+    read = []
+    model, train = cli.parse("torch", ["--init-from", "m.pt", "--hidden", "64"],
+                             lambda path: read.append(path) or SEED_ERA)
+    assert read == ["m.pt"] and model == SEED_ERA and train.init_from == "m.pt"
+    assert cli.parse("torch", ["--hidden", "64"])[0] != SEED_ERA  # the preset, without
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beta", "0.25"], "--beta 0.25: --init-from m.pt holds a model with beta 1.0, which a "
+                         "run from it keeps (leave --beta out)"),
+    (["--dataset", "cifar10"], "--init-from m.pt holds a model of 1-channel images, and "
+                               "--dataset cifar10's have 3"),
+])
+def test_init_from_refuses_another_model_before_any_data(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        cli.parse("torch", ["--init-from", "m.pt", *argv], lambda path: SEED_ERA)
+
+
 def test_main_reports_a_bad_flag_as_one_line(capsys):
     calls = []
     assert cli.main("torch", lambda m, t: calls.append((m, t)), ["--frobnicate"]) == 2

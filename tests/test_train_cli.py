@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from twin_adapters import ADAPTERS
-from vqvae_common import config
+from vqvae_common import cli, config
 from vqvae_common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +138,30 @@ def test_init_from_starts_a_new_run_from_the_model(trainer, short_runs, tmp_path
     model_cfg, train_cfg = config.from_json((out / "config.json").read_text())
     assert train_cfg.init_from == str(trained / CHECKPOINT[framework])
     assert _checkpoint_step(framework, out / CHECKPOINT[framework], model_cfg) == 1
+
+
+def entry_point(framework):
+    spec = importlib.util.spec_from_file_location(f"train_{framework}",
+                                                  ROOT / f"train_{framework}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_each_trainer_reads_the_model_of_its_init_from_checkpoint(short_runs, framework):
+    _, trained = short_runs[framework]
+    start = ["--init-from", str(trained / CHECKPOINT[framework])]
+    read = entry_point(framework).checkpoint_config
+    assert cli.parse(framework, start, read)[0] == config.DATASETS["mnist"].preset
+    with pytest.raises(UserError, match="1-channel images, and --dataset cifar10's have 3"):
+        cli.parse(framework, [*start, "--dataset", "cifar10"], read)
+
+
+def test_a_seed_era_model_starts_a_run_with_no_model_flag_repeated():
+    start = ["--init-from", str(ROOT / "trained_models" / "mnist_torch" / "model.pt")]
+    model, _ = cli.parse("torch", start, entry_point("torch").checkpoint_config)
+    assert (model.beta, model.codebook_update) == (1.0, "grad")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -110,8 +110,16 @@ def build_parser(framework: str, defaults: bool = True) -> argparse.ArgumentPars
     return p
 
 
-def parse(framework: str, argv: Sequence[str] | None = None
+# A checkpoint's recorded model config, read by the twin whose trainer runs (its format)
+ReadModelConfig = Callable[[str], cfg.ModelConfig]
+
+
+def parse(framework: str, argv: Sequence[str] | None = None,
+          checkpoint_config: ReadModelConfig | None = None
           ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
+    """The model and training configs of train_X.py's flags `argv`. A model flag left out
+    takes the dataset's preset or, under --init-from, the checkpoint's value
+    (`checkpoint_config` reads it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(build_parser(framework).parse_args(argv))
     if args["resume"]:
@@ -119,9 +127,30 @@ def parse(framework: str, argv: Sequence[str] | None = None
         args = resumed(lambda defaults: build_parser(framework, defaults), args["out"], names,
                        argv)
     model_flags = {f.name: args.pop(f.name) for f in flag_fields(cfg.ModelConfig)
-                   if f.name in args}  # absent unless given: the preset's value stands
-    model = dataclasses.replace(cfg.DATASETS[args["dataset"]].preset, **model_flags)
-    return model, cfg.TrainConfig(**args)
+                   if f.name in args}  # absent unless given
+    dataset = cfg.DATASETS[args["dataset"]]
+    if args["init_from"] is None or args["resume"] or checkpoint_config is None:
+        return dataclasses.replace(dataset.preset, **model_flags), cfg.TrainConfig(**args)
+    return init_model(args["init_from"], checkpoint_config(args["init_from"]), dataset,
+                      model_flags), cfg.TrainConfig(**args)
+
+
+def init_model(path: str, held: cfg.ModelConfig, dataset: cfg.Dataset,
+               model_flags: dict[str, Any]) -> cfg.ModelConfig:
+    """--init-from `path`: the model config `held` there, refused where its images are not
+    `dataset`'s or a given model flag would change it (a new run from a model keeps its
+    shape and loss, checked here, before any data is read)."""
+    channels = dataset.image_shape[2]
+    if held.in_channels != channels:
+        raise UserError(f"--init-from {path} holds a model of {held.in_channels}-channel "
+                        f"images, and --dataset {dataset.name}'s have {channels}: start it "
+                        f"on the dataset it was trained on")
+    for name, value in model_flags.items():
+        if value != getattr(held, name):
+            raise UserError(f"{cfg.option(name)} {value}: --init-from {path} holds a model "
+                            f"with {name} {getattr(held, name)}, which a run from it keeps "
+                            f"(leave {cfg.option(name)} out)")
+    return held
 
 
 # Where and on what a run trains: a resumed run takes them from its command, not its record
@@ -298,14 +327,16 @@ def _subcommand_first(framework: str, parse_flags: Callable[[], Any]) -> Any:
 
 def main(framework: str, fit: Callable[[cfg.ModelConfig, cfg.TrainConfig], object],
          argv: Sequence[str] | None = None,
-         fit_prior: Callable[[prior.PriorConfig, cfg.TrainConfig], object] | None = None
-         ) -> int:
-    """A trainer's entry point: parse the flags, then `fit` (`fit_prior` after the `prior`
-    subcommand), reporting user errors. The process keeps the memory its steps free
-    (host_memory), set here, before either framework allocates."""
+         fit_prior: Callable[[prior.PriorConfig, cfg.TrainConfig], object] | None = None,
+         checkpoint_config: ReadModelConfig | None = None) -> int:
+    """A trainer's entry point: parse the flags (`checkpoint_config` reads an --init-from
+    checkpoint's model config), then `fit` (`fit_prior` after the `prior` subcommand),
+    reporting user errors. The process keeps the memory its steps free (host_memory), set
+    here, before either framework allocates."""
     host_memory.keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if fit_prior is not None and argv[:1] == ["prior"]:
         return report_errors(lambda: fit_prior(*parse_prior(framework, argv[1:])))
     return report_errors(
-        lambda: fit(*_subcommand_first(framework, lambda: parse(framework, argv))))
+        lambda: fit(*_subcommand_first(framework,
+                                       lambda: parse(framework, argv, checkpoint_config))))

@@ -150,9 +150,9 @@ class TrainConfig:
     init_from: str | None = flag(
         None, "fine-tune: start a new run from the model of this checkpoint of the same twin "
               "(a train_torch.py .pt file, a train_jax.py checkpoint directory; convert.py "
-              "turns one into the other), shipped weights-only ones included: its weights, "
-              "BatchNorm statistics and codebook state, with a fresh optimizer at step 0 "
-              "and no --codebook-init (default: a fresh model)")
+              "turns one into the other), shipped weights-only ones included: its model "
+              "flags, weights, BatchNorm statistics and codebook state, with a fresh "
+              "optimizer at step 0 and no --codebook-init (default: a fresh model)")
     steps_per_call: int = flag(
         1, "optimizer steps per call of the twin, logging and checkpoint steps kept: JAX "
            "runs them as one compiled lax.scan over batches put on the device together (for "

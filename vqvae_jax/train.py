@@ -263,9 +263,6 @@ class JaxTwin:
         return record.step
 
     def init_weights(self, path: str) -> None:
-        if os.path.isfile(path):
-            raise UserError(f"--init-from {path} is a PyTorch checkpoint file: convert it "
-                            f"with python convert.py --from-torch {path} --out DIR")
         checkpoint.read_record(path).check_config(self.config, path)
         source = type(self).from_checkpoint(path, self.device.platform)
         model, optimizer = nnx.merge(self.graphdef, self.state)

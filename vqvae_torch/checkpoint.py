@@ -56,8 +56,9 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
     model (of `config`, if given)."""
     checkpoint_record.refuse_run_directory(path, kind)
     if os.path.isdir(path):
-        raise UserError(f"{path} is a directory, not a PyTorch checkpoint file (a Flax "
-                        f"checkpoint is a directory: convert it with python convert.py)")
+        convert = (f" (a Flax checkpoint is a directory: convert it with python convert.py "
+                   f"--from-jax {path} --out FILE.pt)") if kind == "vqvae" else ""
+        raise UserError(f"{path} is a directory, not a PyTorch checkpoint file{convert}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
@@ -73,6 +74,12 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
     if config is not None:
         record.check_config(config, path)
     return record, payload
+
+
+def read_record(path: str, kind: str = "vqvae") -> CheckpointRecord:
+    """The record of the checkpoint at `path`, checked to be a PyTorch checkpoint's of a
+    `kind` model."""
+    return load(path, torch.device("cpu"), kind=kind)[0]
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], path: str) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from vqvae_common import checkpoint_record
 from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, learning_rate
 from vqvae_common.errors import UserError
@@ -192,9 +191,5 @@ class TorchTwin:
         return record.step
 
     def init_weights(self, path: str) -> None:
-        checkpoint_record.refuse_run_directory(path, "vqvae")
-        if os.path.isdir(path):
-            raise UserError(f"--init-from {path} is a Flax checkpoint directory: convert it "
-                            f"with python convert.py --from-jax {path} --out FILE.pt")
         _, payload = checkpoint.load(path, self.device, self.config)
         checkpoint.load_weights(self.model, payload["model"], path)
