@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from vqvae_common import config, loop
 from vqvae_common.kmeans import kmeans, kmeans_plus_plus, squared_distances_argmin
 
 CENTRES = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -64,3 +65,9 @@ def test_blocked_argmin_matches_the_direct_one(monkeypatch):
 def test_no_vectors_is_an_error():
     with pytest.raises(ValueError):
         kmeans(np.zeros((0, 3)), 2, seed=0)
+
+
+@pytest.mark.parametrize("images, warned", [(10, True), (11, False)])
+def test_a_start_with_fewer_encoder_vectors_than_codes_is_warned_of(capsys, images, warned):
+    loop.warn_of_repeated_centres(images, config.DATASETS["mnist"], 512)  # 49 vectors each
+    assert ("--kmeans-images 11 or more" in capsys.readouterr().err) == warned

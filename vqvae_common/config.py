@@ -78,6 +78,10 @@ class ModelConfig:
 BEFORE_FIELD_EXISTED = {"codebook_update": "grad"}
 
 
+# The VQ-VAE's two stride-2 convolutions: an H x W image has an (H/4) x (W/4) code map.
+DOWNSAMPLING = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A tfds dataset this project trains on: its images' (H, W, C), its split sizes, the
@@ -89,6 +93,12 @@ class Dataset:
     test_size: int
     hidden: int
     classes: int = 10
+
+    @property
+    def code_shape(self) -> tuple[int, int]:
+        """(h, w) of an image's code map: (7, 7) for MNIST's 28 x 28."""
+        height, width, _ = self.image_shape
+        return height // DOWNSAMPLING, width // DOWNSAMPLING
 
     @property
     def preset(self) -> ModelConfig:

@@ -197,6 +197,8 @@ class Reconstruction:
             first = data.first_images(train, train_cfg.kmeans_images, train_cfg.seed)
             print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
                   f"on the encoder outputs of {len(first)} training images", file=sys.stderr)
+            warn_of_repeated_centres(len(first), cfg.DATASETS[train_cfg.dataset],
+                                     twin.config.num_codes)
             twin.initialize_codebook(first, train_cfg.seed, train_cfg.kmeans_iterations)
         return train, test
 
@@ -214,6 +216,17 @@ class Reconstruction:
 
     def write_artifacts(self, twin: Twin, test: np.ndarray, out: str) -> None:
         write_artifacts(twin, test, out)
+
+
+def warn_of_repeated_centres(num_images: int, dataset: cfg.Dataset, num_codes: int) -> None:
+    """A line on stderr where the k-means start has fewer encoder vectors than codes: its
+    seeding then repeats centres, left to the dead-code restarts to separate."""
+    per_image = math.prod(dataset.code_shape)
+    if num_images * per_image < num_codes:
+        print(f"warning: {num_images} images give {num_images * per_image} encoder vectors "
+              f"for {num_codes} codes, so k-means repeats centres: --kmeans-images "
+              f"{-(-num_codes // per_image)} or more gives each code one of its own",
+              file=sys.stderr)
 
 
 def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:

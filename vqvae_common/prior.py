@@ -31,8 +31,6 @@ from vqvae_common import data, images
 from vqvae_common.config import flag
 from vqvae_common.errors import UserError
 
-# The VQ-VAE's two stride-2 convolutions: an H x W image has an (H/4) x (W/4) code map.
-DOWNSAMPLING = 4
 SAMPLES_PER_ROW = 8
 SAMPLE_SEED = 0
 # Laplace smoothing of the marginal baseline's counts: a code never seen at a position in
@@ -66,8 +64,7 @@ class PriorConfig:
 
     @property
     def code_shape(self) -> tuple[int, int]:
-        height, width, _ = cfg.DATASETS[self.dataset].image_shape
-        return height // DOWNSAMPLING, width // DOWNSAMPLING
+        return cfg.DATASETS[self.dataset].code_shape
 
     @property
     def num_classes(self) -> int:
