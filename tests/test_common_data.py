@@ -202,3 +202,16 @@ def test_a_cut_short_or_unwritable_cache_only_costs_a_decode(real_data_dir, tmp_
     np.testing.assert_array_equal(data.load("mnist", "test", real_data_dir("mnist")), decoded)
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/vqvae-cannot-write-here")
     np.testing.assert_array_equal(data.load("mnist", "test", real_data_dir("mnist")), decoded)
+
+
+def test_a_new_version_of_a_cached_source_replaces_only_its_own_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "vqvae_twins"
+    folder.mkdir()
+    (folder / "mnist-test-0123456789abcdef.npy").write_bytes(b"")  # named as before stop 40
+    written = [data.cache_file(kind, source, version) for kind, source, version in [
+        ("mnist-test", "/a", 1), ("mnist-test", "/b", 1), ("mnist-test-label", "/a", 1),
+        ("mnist-test", "/a", 2)]]
+    for path in written:
+        data.write_cache(path, np.zeros(3))
+    assert set(os.listdir(folder)) == {os.path.basename(path) for path in written[1:]}

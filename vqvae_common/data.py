@@ -10,15 +10,17 @@ goes through `tfds.data_source`, which needs no TensorFlow; only preparing a dat
 is not on disk yet does (the `prepare` extra).
 
 Decoding a split's PNGs takes seconds (MNIST's train split: 14 s on a 2-core CPU), so the
-decoded array is kept in $XDG_CACHE_HOME/vqvae_twins (else ~/.cache/vqvae_twins) under a key
-made of the split's record files' names, sizes and modification times: a re-prepared
-dataset is decoded again. The cache is best effort: where it cannot be written, nothing fails.
+decoded array is kept in $XDG_CACHE_HOME/vqvae_twins (else ~/.cache/vqvae_twins), one file
+per data directory and split, keyed by the split's record files' names, sizes and
+modification times: a re-prepared dataset is decoded again, and its new file replaces the
+old. The cache is best effort: where it cannot be written, nothing fails.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
+import re
 import socket
 from collections.abc import Iterator
 
@@ -96,15 +98,31 @@ def _cache_path(dataset_dir: str, name: str, split: str, feature: str) -> str | 
     if not records:
         return None
     stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in records]
-    key = hashlib.sha256(repr((os.path.realpath(dataset_dir), stats)).encode()).hexdigest()[:16]
     what = split if feature == "image" else f"{split}-{feature}"
-    return cache_file(f"{name}-{what}-{key}.npy")
+    return cache_file(f"{name}-{what}", os.path.realpath(dataset_dir), stats)
 
 
-def cache_file(name: str) -> str:
-    """The path of the cached file `name`."""
+def cache_file(kind: str, source: object, version: object) -> str:
+    """The path of the cached array of `kind` (e.g. "mnist-test") made from `source` (what
+    it is read from: a dataset directory) as it is now (`version`: its files' sizes and
+    times): kind-HASH(source)-HASH(version).npy. A new version of a source replaces the
+    old one's file when written (write_cache), so the cache holds one file per source."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(root, "vqvae_twins", name)
+    return os.path.join(root, "vqvae_twins", f"{kind}-{_digest(source)}-{_digest(version)}.npy")
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def _older_versions(path: str) -> list[str]:
+    """The cache files of other versions of `path`'s kind and source, and those its kind had
+    under the names of before stop 40 (kind-HASH.npy, one per version)."""
+    folder, name = os.path.split(path)
+    kind, source, _ = name.removesuffix(".npy").rsplit("-", 2)
+    older = re.compile(rf"{re.escape(kind)}-({source}-)?[0-9a-f]{{16}}\.npy")
+    return [os.path.join(folder, other) for other in os.listdir(folder)
+            if other != name and older.fullmatch(other)]
 
 
 def read_cache(path: str | None) -> np.ndarray | None:
@@ -115,12 +133,15 @@ def read_cache(path: str | None) -> np.ndarray | None:
 
 
 def write_cache(path: str | None, images: np.ndarray) -> None:
+    """Keep `images` at `path` (cache_file's), in place of older versions of its source."""
     if path is None:
         return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
             np.save(f, images)  # a file, not a name: np.save would append ".npy" to tmp
+        for older in _older_versions(path):
+            os.remove(older)
     except OSError:
         pass
 

@@ -17,7 +17,6 @@ per image, the code map's h * w codes together: nats * h * w / ln 2.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -196,17 +195,16 @@ def extract_codes(codes_of: Callable[[np.ndarray], np.ndarray], split_images: np
 
 def codes_cache(framework: str, vqvae: str, dataset: str, split: str,
                 data_dir: str | None) -> str | None:
-    """Where the codes of `split` under the VQ-VAE checkpoint `vqvae` are cached: the key is
-    the framework (near-ties may round apart) and every file of the checkpoint, by path,
-    size and modification time, and the data directory."""
+    """Where the codes of `split` under the VQ-VAE checkpoint `vqvae` are cached: its source
+    is the framework (near-ties may round apart), the checkpoint's path and the data
+    directory; its version every file of the checkpoint, by path, size and modification
+    time (a checkpoint trained on replaces its codes)."""
     path = os.path.realpath(vqvae)
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    key = repr((framework, stats, dataset, split, os.path.realpath(data.resolve_data_dir(
-        data_dir))))
-    return data.cache_file(f"codes-{dataset}-{split}-"
-                           f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy")
+    source = (framework, path, os.path.realpath(data.resolve_data_dir(data_dir)))
+    return data.cache_file(f"codes-{dataset}-{split}", source, stats)
 
 
 class PriorTask:
