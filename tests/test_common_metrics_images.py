@@ -142,3 +142,11 @@ def test_loss_curves_plots_a_metrics_file(tmp_path):
     with Image.open(tmp_path / "curves.png") as picture:
         assert picture.size == (1000, 360)
         assert len(np.unique(np.asarray(picture.convert("L")))) > 10  # something was drawn
+
+
+def test_the_equal_codebook_and_commitment_terms_are_one_curve():
+    rows = [{"loss": 1.0, "recon": 0.5, "codebook": 0.2, "commitment": 0.2}] * 2
+    rows[0] = {**rows[0], "commitment": float(np.nextafter(np.float32(0.2), 1))}
+    assert list(images.loss_curve_labels(rows)) == ["loss", "recon", "codebook = commitment"]
+    rows[1] = {**rows[1], "commitment": 0.3}
+    assert list(images.loss_curve_labels(rows)) == ["loss", "recon", "codebook", "commitment"]

@@ -4,6 +4,7 @@ leaves the previous picture, never a truncated one."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 from PIL import Image
@@ -68,6 +69,16 @@ def interpolation_gif(frames: np.ndarray, path: str, scale: int = 4,
                      duration=frame_ms, loop=0)
 
 
+def loss_curve_labels(train: list[dict]) -> dict[str, str]:
+    """{label: metrics.jsonl column} of the train loss terms to draw. The codebook term
+    ||sg[z_e] - e||^2 and the commitment term ||z_e - sg[e]||^2 have one value (they differ
+    in where their gradients go), so where a run logged them equal (to float32 rounding:
+    PyTorch's differ in the last bit) one curve shows both."""
+    if all(math.isclose(r["codebook"], r["commitment"], rel_tol=1e-6) for r in train):
+        return {"loss": "loss", "recon": "recon", "codebook = commitment": "codebook"}
+    return {term: term for term in ("loss", "recon", "codebook", "commitment")}
+
+
 def loss_curves(metrics_path: str, path: str) -> None:
     """PNG of a run's metrics.jsonl: the train loss terms (log scale) and the test PSNR."""
     import matplotlib
@@ -80,8 +91,8 @@ def loss_curves(metrics_path: str, path: str) -> None:
     train = [r for r in records if r["split"] == "train"]
     test = [r for r in records if r["split"] == "test"]
     fig, (losses, quality) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for term in ("loss", "recon", "codebook", "commitment"):
-        losses.plot([r["step"] for r in train], [r[term] for r in train], label=term)
+    for label, term in loss_curve_labels(train).items():
+        losses.plot([r["step"] for r in train], [r[term] for r in train], label=label)
     losses.set(yscale="log", xlabel="step", title="train loss terms")
     losses.legend()
     quality.plot([r["step"] for r in test], [r["psnr"] for r in test], "o-")
