@@ -140,6 +140,7 @@ def test_bad_input_is_a_user_error(argv):
     (["--batch-size", "0"], "--batch-size 0 is out of range: expected 1 to 65536"),
     (["--lr", "nan"], "--lr nan is out of range: expected 1e-08 to 1.0"),
     (["--hidden", "5000"], "--hidden 5000 is out of range: expected 1 to 4096"),
+    (["--lr", "-1e-3"], "--lr -0.001 is out of range: expected 1e-08 to 1.0"),  # not a flag
 ])
 def test_out_of_range_message_names_the_flag_and_its_bounds(argv, message):
     with pytest.raises(UserError) as error:

@@ -30,6 +30,27 @@ class UserErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UserError(message)
 
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> Any:
+        # argparse reads "--lr -1e-3" as a flag missing its value ("expected one argument"):
+        # only -5 and -.5 pass for numbers. Joined as --lr=-1e-3, the bounds refuse it by name.
+        joined: list[str] = []
+        for token in sys.argv[1:] if args is None else args:
+            if joined and joined[-1].startswith("--") and "=" not in joined[-1] \
+                    and token.startswith("-") and _is_number(token):
+                joined[-1] += "=" + token
+            else:
+                joined.append(token)
+        return super().parse_known_args(joined, namespace)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
 
 class InBounds(argparse.Action):
     """Stores a flag's value; a UserError when it is not finite or not in [low, high]."""
