@@ -15,19 +15,20 @@ import os
 import sys
 from collections.abc import Sequence
 
-import torch
-from flax import nnx
-
 from vqvae_common import cli, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.errors import UserError
-from vqvae_jax import checkpoint as jax_checkpoint
-from vqvae_jax import train as jax_train
-from vqvae_torch import checkpoint as torch_checkpoint
-from vqvae_torch import model as torch_model
 
 
 def torch_to_flax(source: str, out: str) -> None:
+    import torch  # after parsing, as in the trainers: --help and a bad flag need neither twin
+    from flax import nnx
+
+    from vqvae_jax import checkpoint as jax_checkpoint
+    from vqvae_jax import train as jax_train
+    from vqvae_torch import checkpoint as torch_checkpoint
+    from vqvae_torch import model as torch_model
+
     record, payload = torch_checkpoint.load(source, torch.device("cpu"))
     model = torch_model.VQVAE(record.model_config)
     torch_checkpoint.import_arrays(model, {k: v.numpy() for k, v in payload["model"].items()})
@@ -41,6 +42,13 @@ def torch_to_flax(source: str, out: str) -> None:
 
 
 def flax_to_torch(source: str, out: str) -> None:
+    from flax import nnx
+
+    from vqvae_jax import checkpoint as jax_checkpoint
+    from vqvae_jax import train as jax_train
+    from vqvae_torch import checkpoint as torch_checkpoint
+    from vqvae_torch import model as torch_model
+
     source_record = jax_checkpoint.read_record(source)
     config = source_record.model_config
     flax_model, optimizer = jax_train.create(config, lr=1e-3, seed=0,

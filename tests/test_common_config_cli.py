@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -289,6 +290,37 @@ def test_main_turns_a_user_error_from_fit_into_status_2(capsys):
 
     assert cli.main("torch", fit, []) == 2
     assert capsys.readouterr().err == "error: no data here\n"
+
+
+# A tool's work that gets Ctrl-C inside a gc callback, where jax's own (in gc.callbacks)
+# lost a KeyboardInterrupt ("Exception ignored in") and let the tool run on
+CTRL_C_IN_A_GC_CALLBACK = """
+import gc, os, signal, sys
+from vqvae_common import cli
+def callback(phase, info):
+    if phase == "start":
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # Python's handler runs here, inside the callback
+def work():
+    gc.callbacks.append(callback)
+    gc.collect()
+    print("ran on")
+sys.exit(cli.report_errors(work))
+"""
+
+
+def test_ctrl_c_stops_a_tool_at_once_even_inside_a_gc_callback():
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_GC_CALLBACK], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
+
+
+def test_a_tool_restores_the_ctrl_c_handler_it_found():
+    from vqvae_common.stop_signals import exit_at_once
+
+    seen = []
+    assert cli.report_errors(lambda: seen.append(signal.getsignal(signal.SIGINT))) == 0
+    assert seen == [exit_at_once] and signal.getsignal(signal.SIGINT) is not exit_at_once
 
 
 def test_a_subcommand_after_the_flags_is_told_where_it_goes(capsys):

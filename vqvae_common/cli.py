@@ -14,14 +14,16 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import typing
 from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
 from vqvae_common import host_memory, prior
 from vqvae_common.errors import UserError, one_line
-from vqvae_common.stop_signals import Stopped
+from vqvae_common.stop_signals import Stopped, exit_at_once
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -299,8 +301,11 @@ def _unlike(path: str, kind: str) -> str | None:
 
 def report_errors(run: Callable[[], object]) -> int:
     """Call `run`: a UserError becomes one line on stderr and exit status 2; a training run
-    stopped by a signal (Stopped) one line and 128 + the signal; any other Ctrl-C, 130."""
+    stopped by a signal (Stopped) one line and 128 + the signal; any other Ctrl-C ends the
+    process at once (stop_signals.exit_at_once), with 130."""
     _drop_late_event_loop_errors()
+    main_thread = threading.current_thread() is threading.main_thread()  # Python's signals'
+    previous = signal.signal(signal.SIGINT, exit_at_once) if main_thread else None
     try:
         run()
     except UserError as e:
@@ -309,9 +314,9 @@ def report_errors(run: Callable[[], object]) -> int:
     except Stopped as e:
         print(one_line(str(e)), file=sys.stderr)
         return e.exit_status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 
