@@ -318,9 +318,9 @@ def test_ctrl_c_stops_a_tool_at_once_even_inside_a_gc_callback():
 def test_a_tool_restores_the_ctrl_c_handler_it_found():
     from vqvae_common.stop_signals import exit_at_once
 
-    seen = []
+    before, seen = signal.getsignal(signal.SIGINT), []
     assert cli.report_errors(lambda: seen.append(signal.getsignal(signal.SIGINT))) == 0
-    assert seen == [exit_at_once] and signal.getsignal(signal.SIGINT) is not exit_at_once
+    assert seen == [exit_at_once] and signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_subcommand_after_the_flags_is_told_where_it_goes(capsys):

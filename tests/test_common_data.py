@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vqvae_common import data
+from vqvae_common import atomic, data
 from vqvae_common.errors import UserError
 
 N = 50
@@ -211,7 +211,11 @@ def test_a_new_version_of_a_cached_source_replaces_only_its_own_file(tmp_path, m
     (folder / "mnist-test-0123456789abcdef.npy").write_bytes(b"")  # named as before stop 40
     written = [data.cache_file(kind, source, version) for kind, source, version in [
         ("mnist-test", "/a", 1), ("mnist-test", "/b", 1), ("mnist-test-label", "/a", 1),
-        ("mnist-test", "/a", 2)]]
-    for path in written:
+        ("codes-mnist-test", "/a", 1), ("mnist-test", "/a", 2)]]
+    for path in written[:-1]:
         data.write_cache(path, np.zeros(3))
+    cut_short = written[0] + atomic.SUFFIX  # a write of version 1 that a kill ended
+    open(cut_short, "wb").close()
+    data.write_cache(written[-1], np.zeros(3))
     assert set(os.listdir(folder)) == {os.path.basename(path) for path in written[1:]}
+    data.write_cache(str(folder / "not-named-by-cache-file.npy"), np.zeros(3))  # no error

@@ -156,6 +156,8 @@ def test_each_trainer_reads_the_model_of_its_init_from_checkpoint(short_runs, fr
     assert cli.parse(framework, start, read)[0] == config.DATASETS["mnist"].preset
     with pytest.raises(UserError, match="1-channel images, and --dataset cifar10's have 3"):
         cli.parse(framework, [*start, "--dataset", "cifar10"], read)
+    with pytest.raises(UserError, match="holds a model with beta 0.25, which a run from it"):
+        cli.parse(framework, [*start, "--beta", "0.5"], read)
 
 
 def test_a_seed_era_model_starts_a_run_with_no_model_flag_repeated():

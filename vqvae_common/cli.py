@@ -142,7 +142,8 @@ def parse(framework: str, argv: Sequence[str] | None = None,
           ) -> tuple[cfg.ModelConfig, cfg.TrainConfig]:
     """The model and training configs of train_X.py's flags `argv`. A model flag left out
     takes the dataset's preset or, under --init-from, the checkpoint's value
-    (`checkpoint_config` reads it)."""
+    (`checkpoint_config` reads it; without one, the preset's, and the twin's init_weights
+    refuses a checkpoint of another config)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(build_parser(framework).parse_args(argv))
     if args["resume"]:
@@ -314,8 +315,11 @@ def report_errors(run: Callable[[], object]) -> int:
     except Stopped as e:
         print(one_line(str(e)), file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:  # not from SIGINT here: off the main thread, interrupt_main()
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
-        if main_thread:
+        if previous is not None:  # None: a handler that C code installed, not restorable
             signal.signal(signal.SIGINT, previous)
     return 0
 

@@ -17,6 +17,7 @@ old. The cache is best effort: where it cannot be written, nothing fails.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -116,13 +117,19 @@ def _digest(value: object) -> str:
 
 
 def _older_versions(path: str) -> list[str]:
-    """The cache files of other versions of `path`'s kind and source, and those its kind had
-    under the names of before stop 40 (kind-HASH.npy, one per version)."""
+    """The cache files of other versions of `path`'s kind and source, those its kind had
+    under the names of before stop 40 (kind-HASH.npy, one per version), and what writes of
+    either that a kill cut short left (atomic's temporaries); none for a path not named by
+    cache_file."""
     folder, name = os.path.split(path)
-    kind, source, _ = name.removesuffix(".npy").rsplit("-", 2)
-    older = re.compile(rf"{re.escape(kind)}-({source}-)?[0-9a-f]{{16}}\.npy")
+    named = re.fullmatch(r"(.+)-([0-9a-f]{16})-[0-9a-f]{16}\.npy", name)
+    if named is None:
+        return []
+    kind, source = named.groups()
+    older = re.compile(rf"{re.escape(kind)}-({source}-)?[0-9a-f]{{16}}\.npy"
+                       rf"({re.escape(atomic.SUFFIX)})?")
     return [os.path.join(folder, other) for other in os.listdir(folder)
-            if other != name and older.fullmatch(other)]
+            if other not in (name, name + atomic.SUFFIX) and older.fullmatch(other)]
 
 
 def read_cache(path: str | None) -> np.ndarray | None:
@@ -140,10 +147,11 @@ def write_cache(path: str | None, images: np.ndarray) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
             np.save(f, images)  # a file, not a name: np.save would append ".npy" to tmp
-        for older in _older_versions(path):
-            os.remove(older)
     except OSError:
-        pass
+        return
+    for older in _older_versions(path):
+        with contextlib.suppress(OSError):  # another process may have removed it first
+            os.remove(older)
 
 
 def _prepare(builder, name: str, root: str) -> None:

@@ -25,7 +25,7 @@ def exit_at_once(signum: int, frame: FrameType | None) -> NoReturn:
     installs it): one line, and exit status 128 + signum now. Not a KeyboardInterrupt: one
     raised while jax's gc callback runs (in gc.callbacks) is printed as ignored and lost
     (Ctrl-C 1.5 and 2.2 s into convert.py did nothing), and the interpreter's exit after one,
-    with XLA's or tensorstore's threads at work, segfaulted (3 of 9 tries 2.8-3.6 s in). The
+    with XLA's or tensorstore's threads at work, segfaulted (3 of 13 tries 2.8-5.5 s in). The
     tools write every file atomically (vqvae_common.atomic, orbax), so no exit leaves one
     half written."""
     with contextlib.suppress(OSError):  # a closed stderr must not keep it running
