@@ -11,7 +11,7 @@ is not on disk yet does (the `prepare` extra).
 
 Decoding a split's PNGs takes seconds (MNIST's train split: 14 s on a 2-core CPU), so the
 decoded array is kept in $XDG_CACHE_HOME/vqvae_twins (else ~/.cache/vqvae_twins), one file
-per data directory and split, keyed by the split's record files' names, sizes and
+per data directory, split and feature, keyed by the split's record files' names, sizes and
 modification times: a re-prepared dataset is decoded again, and its new file replaces the
 old. The cache is best effort: where it cannot be written, nothing fails.
 """
@@ -147,9 +147,10 @@ def write_cache(path: str | None, images: np.ndarray) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
             np.save(f, images)  # a file, not a name: np.save would append ".npy" to tmp
+        older_versions = _older_versions(path)
     except OSError:
         return
-    for older in _older_versions(path):
+    for older in older_versions:
         with contextlib.suppress(OSError):  # another process may have removed it first
             os.remove(older)
 
