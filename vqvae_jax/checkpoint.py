@@ -120,7 +120,7 @@ def _reading(path: str, kind: str):
     UserError line."""
     checkpoint_record.refuse_run_directory(path, kind)
     if not os.path.isdir(path):
-        convert = (f" (a PyTorch checkpoint is a file: convert it with python convert.py "
+        convert = (f" (if it is a PyTorch checkpoint, convert it: python convert.py "
                    f"--from-torch {path} --out DIR)") if kind == "vqvae" and os.path.isfile(
             path) else ""
         raise UserError(f"{path} is not a Flax checkpoint directory{convert}")

@@ -56,8 +56,8 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
     model (of `config`, if given)."""
     checkpoint_record.refuse_run_directory(path, kind)
     if os.path.isdir(path):
-        convert = (f" (a Flax checkpoint is a directory: convert it with python convert.py "
-                   f"--from-jax {path} --out FILE.pt)") if kind == "vqvae" else ""
+        convert = (f" (if it is a Flax checkpoint, convert it: python convert.py --from-jax "
+                   f"{path} --out FILE.pt)") if kind == "vqvae" else ""
         raise UserError(f"{path} is a directory, not a PyTorch checkpoint file{convert}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
