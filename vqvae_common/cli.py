@@ -152,11 +152,11 @@ def parse(framework: str, argv: Sequence[str] | None = None,
                        argv)
     model_flags = {f.name: args.pop(f.name) for f in flag_fields(cfg.ModelConfig)
                    if f.name in args}  # absent unless given
-    dataset = cfg.DATASETS[args["dataset"]]
-    if args["init_from"] is None or args["resume"] or checkpoint_config is None:
-        return dataclasses.replace(dataset.preset, **model_flags), cfg.TrainConfig(**args)
-    return init_model(args["init_from"], checkpoint_config(args["init_from"]), dataset,
-                      model_flags), cfg.TrainConfig(**args)
+    train, dataset = cfg.TrainConfig(**args), cfg.DATASETS[args["dataset"]]
+    if train.init_from is None or train.resume or checkpoint_config is None:
+        return dataclasses.replace(dataset.preset, **model_flags), train
+    return init_model(train.init_from, checkpoint_config(train.init_from), dataset,
+                      model_flags), train
 
 
 def init_model(path: str, held: cfg.ModelConfig, dataset: cfg.Dataset,
