@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import json
 import os
 import signal
@@ -321,6 +322,36 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp
     loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
     assert "holds step 16, where this run ends: nothing to train" in capsys.readouterr().err
     assert [r["step"] for r in rows(tmp_path)] == [4, 8, 12, 16, 16]
+
+
+class SignalledWhileBuilt(FakeTwin):
+    """A FakeTwin that gets SIGTERM while it is built, inside a gc callback (as jax's own in
+    gc.callbacks), where the Stopped that StopSignals raises is printed as ignored and lost."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))  # Python's handler runs here, inside the callback
+
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_whose_stop_was_lost_still_stops_the_run_before_its_first_step(fake_data,
+                                                                                 tmp_path):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)
+    with pytest.raises(Stopped, match="stopped by SIGTERM at step 0 of 16; no step was "
+                                      "taken: rerun the same command") as stop:
+        loop.fit(SignalledWhileBuilt, cfg.ModelConfig(), train_cfg)
+    assert stop.value.exit_status == 128 + signal.SIGTERM
+    assert not (tmp_path / "fake.json").exists() and rows(tmp_path) == []
 
 
 class GroupingTwin(FakeTwin):

@@ -1,7 +1,9 @@
 """SIGTERM (what a cluster scheduler sends before it preempts a job) and SIGINT (Ctrl-C)
 stop a training run between two steps, with a checkpoint, instead of where it stands.
 
-Before the first step a signal stops the run at once: nothing new needs saving. Once the
+Before the first step a signal stops the run at once: nothing new needs saving. (Where its
+Stopped is raised inside a gc callback, jax's among them, Python prints it as ignored and
+goes on; `received` stays set, and the loop stops before its first step.) Once the
 loop has called `defer`, the first signal only sets `received`; the loop finishes its step,
 saves a checkpoint at that step and raises Stopped. A second signal stops the process at
 once, even in the middle of that save: checkpoints are written atomically, so the previous
