@@ -147,6 +147,51 @@ def test_a_prior_checkpoint_resumes_and_loads_the_same_model(framework, tmp_path
         Twin.from_checkpoint(path)
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_prior_over_a_vqvae_of_other_weights_warns_when_sampled_and_is_not_resumed(
+        framework, tmp_path, capsys):
+    PriorTwin, Twin = prior_twins(framework)
+    vqvae, other = (str(tmp_path / name / Twin.checkpoint_name) for name in ("a", "b"))
+    for seed, path in enumerate((vqvae, other)):
+        os.makedirs(os.path.dirname(path))
+        Twin(TINY_VQVAE, cfg.TrainConfig(seed=seed)).save(path, 0)
+    trained = PriorTwin(prior.PriorConfig(vqvae=vqvae, **TINY_PRIOR), cfg.TrainConfig())
+    path = str(tmp_path / PriorTwin.checkpoint_name)
+    trained.save(path, 1)
+    PriorTwin.from_checkpoint(path)
+    assert "warning" not in capsys.readouterr().err
+    over_other = PriorTwin.from_checkpoint(path, vqvae=other)
+    assert over_other.config.vqvae_weights != trained.config.vqvae_weights
+    assert capsys.readouterr().err == (
+        f"warning: the VQ-VAE {other} is not the one the prior was trained over (other "
+        f"weights: trained on since, or another model): its samples decode codes this VQ-VAE "
+        f"did not learn\n")
+    with pytest.raises(UserError, match="trained over the codes of other weights than those "
+                                        "of the VQ-VAE"):
+        PriorTwin(prior.PriorConfig(vqvae=other, **TINY_PRIOR), cfg.TrainConfig()).load(path)
+
+
+def test_a_vqvae_and_its_conversion_have_one_fingerprint(tmp_path):
+    import convert
+    from vqvae_jax.prior_train import vqvae_fingerprint as flax_fingerprint
+    from vqvae_jax.train import JaxTwin
+    from vqvae_torch.prior_train import vqvae_fingerprint as torch_fingerprint
+    from vqvae_torch.train import TorchTwin
+
+    source, converted = str(tmp_path / "checkpoint.pt"), str(tmp_path / "checkpoint")
+    TorchTwin(TINY_VQVAE, cfg.TrainConfig()).save(source, 0)
+    convert.torch_to_flax(source, converted)
+    fingerprint = torch_fingerprint(TorchTwin.from_checkpoint(source))
+    assert flax_fingerprint(JaxTwin.from_checkpoint(converted)) == fingerprint
+    assert torch_fingerprint(TorchTwin(TINY_VQVAE, cfg.TrainConfig(seed=1))) != fingerprint
+
+
+def test_a_prior_of_before_the_fingerprint_fits_any_vqvae_weights():
+    record = checkpoint_record.CheckpointRecord(
+        "torch", prior.PriorConfig(vqvae="/v", num_codes=8), 1, kind="prior")
+    record.check_config(prior.PriorConfig(vqvae="/v", num_codes=8, vqvae_weights="0" * 16), "p")
+
+
 # PyTorch only: the Flax run compiles five functions twice (70 s on a busy 2-core CPU); the
 # Flax step and sampler are held to PyTorch's by parity_tests/test_prior.py, its checkpoints
 # by the test above

@@ -63,8 +63,15 @@ class CheckpointRecord:
                 "lr_schedule": self.lr_schedule}
 
     def check_config(self, config: ModelConfig | PriorConfig, path: str) -> None:
-        """Refuse a checkpoint of another model config (trained with other flags)."""
+        """Refuse a checkpoint of another model config (trained with other flags), or a
+        prior over a VQ-VAE whose weights changed since (its codes changed meaning)."""
         held, wanted = (_comparable(dataclasses.asdict(c)) for c in (self.model_config, config))
+        if "" in (held.get("vqvae_weights"), wanted.get("vqvae_weights")):  # unknown: a
+            del held["vqvae_weights"], wanted["vqvae_weights"]  # prior of before stop 41
+        if held.get("vqvae_weights") != wanted.get("vqvae_weights"):
+            raise UserError(f"{path} was trained over the codes of other weights than those "
+                            f"of the VQ-VAE {config.vqvae} now (trained on since, or "
+                            f"replaced): train a new prior over it, in another --out")
         if held != wanted:
             differ = ", ".join(f"{key} {held.get(key)} (not {wanted.get(key)})"
                                for key in sorted(held.keys() | wanted.keys())

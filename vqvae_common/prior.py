@@ -17,10 +17,11 @@ per image, the code map's h * w codes together: nats * h * w / ln 2.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,8 @@ TRAIN_DEFAULTS = {"lr": 1e-3, "lr_schedule": "constant", "epochs": 20}
 class PriorConfig:
     """The gated PixelCNN's shape, and the VQ-VAE and dataset whose codes it models.
 
-    dataset and num_codes are not flags: `complete` takes them from --dataset and the VQ-VAE.
+    dataset, num_codes and vqvae_weights are not flags: `complete` takes them from --dataset
+    and the VQ-VAE.
     """
 
     vqvae: str | None = flag(
@@ -60,6 +62,9 @@ class PriorConfig:
                                     "per row")
     dataset: str = "mnist"
     num_codes: int = 0
+    # fingerprint() of the VQ-VAE's weights: a VQ-VAE trained on, or another one at the same
+    # path, gives its codes other meanings. "" in the priors of before stop 41: unknown.
+    vqvae_weights: str = ""
 
     @property
     def code_shape(self) -> tuple[int, int]:
@@ -79,8 +84,24 @@ def prior_config(raw: Any) -> PriorConfig:
         raise UserError(f"the checkpoint records an unknown prior config {raw!r}") from e
 
 
-def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str) -> PriorConfig:
-    """`prior_cfg` with the dataset and the VQ-VAE's K, checked to fit together."""
+def fingerprint(weights: Mapping[str, np.ndarray]) -> str:
+    """A hash of a VQ-VAE's weights in PyTorch's convention (each twin's export_arrays, and
+    vqvae_common.layout for the Flax twin's): the same for a checkpoint and its conversion,
+    which is bit-identical, and different for any other weights."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        array = np.ascontiguousarray(weights[key])
+        digest.update(f"{key} {array.dtype} {array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str,
+             vqvae_weights: str) -> PriorConfig:
+    """`prior_cfg` with the dataset and the VQ-VAE's K and fingerprint, checked to fit
+    together. A saved prior's config (its own fingerprint recorded) over a VQ-VAE of other
+    weights gets a warning: sampling may go on (nothing is written but the samples), with
+    codes that VQ-VAE did not learn."""
     if prior_cfg.kernel_size % 2 == 0:
         raise UserError(f"--kernel-size {prior_cfg.kernel_size} must be odd: the masks "
                         f"centre on the current position")
@@ -89,7 +110,12 @@ def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str) -
         raise UserError(f"the VQ-VAE {prior_cfg.vqvae} takes {vqvae_cfg.in_channels}-channel "
                         f"images and {dataset} has {channels}: a prior and its VQ-VAE are of "
                         f"one dataset")
-    return dataclasses.replace(prior_cfg, dataset=dataset, num_codes=vqvae_cfg.num_codes)
+    if prior_cfg.vqvae_weights not in ("", vqvae_weights):
+        print(f"warning: the VQ-VAE {prior_cfg.vqvae} is not the one the prior was trained over "
+              f"(other weights: trained on since, or another model): its samples decode codes "
+              f"this VQ-VAE did not learn", file=sys.stderr)
+    return dataclasses.replace(prior_cfg, dataset=dataset, num_codes=vqvae_cfg.num_codes,
+                               vqvae_weights=vqvae_weights)
 
 
 def decoding_vqvae(recorded: PriorConfig, vqvae: str | None, prior_path: str) -> PriorConfig:

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from vqvae_common import layout
 from vqvae_common import prior as common
 from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import TrainConfig
@@ -49,6 +50,12 @@ def sample_codes(graphdef: nnx.GraphDef, state: nnx.State, labels: jax.Array,
     return sample(model, labels, gumbel)
 
 
+def vqvae_fingerprint(vqvae: JaxTwin) -> str:
+    """vqvae_common.prior.fingerprint of the VQ-VAE's weights, in PyTorch's convention."""
+    model, _ = nnx.merge(vqvae.graphdef, vqvae.state)
+    return common.fingerprint(layout.flax_to_torch(checkpoint.export_arrays(model)))
+
+
 def decode_codes(graphdef: nnx.GraphDef, state: nnx.State, codes: jax.Array) -> jax.Array:
     vqvae, _ = nnx.merge(graphdef, state)
     vqvae.eval()
@@ -68,7 +75,8 @@ class JaxPriorTwin:
                  total_steps: int | None = None) -> None:
         self.device = select_device(train_cfg.device)
         self.vqvae = JaxTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
-        self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset)
+        self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset,
+                                      vqvae_fingerprint(self.vqvae))
         self.lr_schedule = train_cfg.lr_schedule
         with jax.default_device(self.device):
             self.graphdef, state = nnx.split(create(self.config, train_cfg.lr, train_cfg.seed,

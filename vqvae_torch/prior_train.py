@@ -27,6 +27,11 @@ def train_step(model: PixelCNN, optimizer: torch.optim.Optimizer, codes: torch.T
     return {"loss": loss.detach()}
 
 
+def vqvae_fingerprint(vqvae: TorchTwin) -> str:
+    """vqvae_common.prior.fingerprint of the VQ-VAE's weights."""
+    return common.fingerprint(checkpoint.export_arrays(vqvae.model))
+
+
 class TorchPriorTwin:
     """A gated PixelCNN and its Adam on one device, stepped eagerly, over the codes of a
     frozen TorchTwin VQ-VAE; checkpoints are one file."""
@@ -40,7 +45,8 @@ class TorchPriorTwin:
         self.device = select_device(train_cfg.device)
         deterministic()
         self.vqvae = TorchTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
-        self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset)
+        self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset,
+                                      vqvae_fingerprint(self.vqvae))
         torch.manual_seed(train_cfg.seed)
         self.model = PixelCNN(self.config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
