@@ -81,3 +81,22 @@ def test_a_step_folder_given_for_its_checkpoint_names_the_checkpoint(tmp_path):
     JAX.make().save(str(path), 20)
     with pytest.raises(UserError, match=f"it is one step of the checkpoint {path}, pass that"):
         JAX.make().load(str(path / "20"))
+
+
+def test_a_checkpoint_given_as_a_runs_out_is_refused_and_left_as_it_was(tmp_path, monkeypatch):
+    from vqvae_common import config as cfg
+    from vqvae_common import loop
+    from vqvae_jax.train import JaxTwin
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(loop.data, "load", unread)
+    path = tmp_path / "converted"
+    JAX.make().save(str(path), 20)
+    before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    for resume in (False, True):  # --resume there: what a user of a converted one tries
+        with pytest.raises(UserError, match=f"--out {path} is a checkpoint, not a run's "
+                                            f"folder: to train from it, pass --init-from"):
+            loop.fit(JaxTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(path), resume=resume))
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before

@@ -10,6 +10,7 @@ import errno
 import gc
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -236,7 +237,7 @@ class FakeTwin:
 
     @staticmethod
     def has_checkpoint(path: str) -> bool:
-        return os.path.exists(path)
+        return os.path.isfile(path)
 
     @staticmethod
     def remove_partial_checkpoints(path: str) -> None:
@@ -449,6 +450,18 @@ def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monk
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file, not a directory"):
         loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "file")))
+
+
+def test_an_out_inside_another_run_is_refused_and_changes_nothing(fake_data, tmp_path):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    before = layout(tmp_path), sorted(p.name for p in (tmp_path / "tensorboard").iterdir())
+    for inner in (tmp_path / "tensorboard", tmp_path / "new" / "deeper"):
+        with pytest.raises(UserError, match=re.escape(f"--out {inner} is inside the run in "
+                                                      f"{tmp_path}, whose files")):
+            loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, out=str(inner)))
+    assert (layout(tmp_path), sorted(p.name for p in (tmp_path / "tensorboard").iterdir())
+            ) == before
 
 
 def test_an_older_versions_run_is_told_apart_by_its_checkpoint(fake_data, tmp_path,

@@ -234,6 +234,12 @@ def read_run(out: str) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def is_run(folder: str) -> bool:
+    """Whether `folder` holds a config.json that a run of this project wrote."""
+    recorded = read_run(folder)
+    return isinstance(recorded.get("model"), dict) and isinstance(recorded.get("train"), dict)
+
+
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
     raw: dict[str, Any] = json.loads(text)
     return model_config(raw["model"]), TrainConfig(**raw["train"])

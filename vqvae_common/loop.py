@@ -40,6 +40,7 @@ from vqvae_common.stop_signals import StopSignals, Stopped
 
 INTERPOLATION_FRAMES = 16
 GRID_PAIRS = 32
+RUN_RECORDS = ("config.json", "metrics.jsonl")  # what a run writes beside its pictures
 RECONSTRUCTION_PICTURES = ("reconstruction.png", "interpolation.gif", "loss_curves.png")
 
 
@@ -463,6 +464,17 @@ class _Run:
         return record
 
 
+def _run_around(out: str) -> str | None:
+    """The run directory that `out` lies inside, if any: the nearest folder above it whose
+    config.json records a run."""
+    folder = os.path.realpath(out)
+    while (parent := os.path.dirname(folder)) != folder:
+        folder = parent
+        if cfg.is_run(folder):
+            return folder
+    return None
+
+
 def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                out: str, pictures: tuple[str, ...]) -> None:
     """--resume needs a complete checkpoint of this twin's kind, and the flags that fix the
@@ -476,6 +488,13 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                         "from another run's model: pass one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
+    if make_twin.has_checkpoint(out):
+        raise UserError(f"--out {out} is a checkpoint, not a run's folder: to train from it, "
+                        f"pass --init-from {out} and another --out")
+    if (around := _run_around(out)) is not None:
+        raise UserError(f"--out {out} is inside the run in {around}, whose files and "
+                        f"checkpoints are its own (a resume there rewrites its tensorboard/): "
+                        f"choose a folder outside it")
     recorded, ours = cfg.read_run(out), make_twin.checkpoint_name
     name = recorded.get("checkpoint")
     if not isinstance(name, str):  # no config.json, or an older version's: the files tell
@@ -491,8 +510,8 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not train_cfg.resume and complete:
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
-    ran = isinstance(recorded.get("model"), dict) and isinstance(recorded.get("train"), dict)
-    ours_to_write = [name for name in ("config.json", "metrics.jsonl", *pictures)
+    ran = cfg.is_run(out)
+    ours_to_write = [name for name in (*RUN_RECORDS, *pictures)
                      if os.path.lexists(os.path.join(out, name))]
     if not train_cfg.resume and not ran and ours_to_write:
         raise UserError(f"{out} holds {', '.join(ours_to_write)}, which no run wrote and this "
