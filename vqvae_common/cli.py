@@ -212,6 +212,8 @@ PRIOR_TRAIN_FLAGS = ("dataset", "data_dir", "epochs", "max_steps", "batch_size",
                      "device", "resume", "log_every", "checkpoint_every")
 # ... and where its help differs from a VQ-VAE's
 PRIOR_HELP = {"dataset": "dataset whose images the VQ-VAE encodes",
+              "eval_images": "evaluate on the codes of the first N test images only, as "
+                             "smoke runs do (default: the whole test split)",
               "lr": "Adam learning rate (of the first step, under --lr-schedule cosine)"}
 
 
@@ -264,9 +266,10 @@ OUTPUT_SIGNATURES = {"JSON": b"{", "PNG": b"\x89PNG\r\n\x1a\n"}
 def check_output_file(path: str, flag: str, new: bool = False, kind: str | None = None
                       ) -> None:
     """A UserError, before any work is done, where `path` cannot be written: its directory
-    missing or not writable, or `path` a directory, or an existing file that is not of the
-    `kind` written there (OUTPUT_SIGNATURES). A `new` path must not exist, and only its
-    nearest existing ancestor must be a writable directory (the writer makes the rest)."""
+    missing or not writable, or `path` a directory, a record or picture of the run in its
+    folder, or an existing file that is not of the `kind` written there
+    (OUTPUT_SIGNATURES). A `new` path must not exist, and only its nearest existing ancestor
+    must be a writable directory (the writer makes the rest)."""
     directory = os.path.dirname(os.path.abspath(path))
     while new and not os.path.lexists(directory):
         directory = os.path.dirname(directory)
@@ -279,10 +282,23 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
         reason = "it exists, and is never written over: remove it or choose another"
     elif os.path.isdir(path):
         reason = "it is a directory"
+    elif os.path.isfile(path) and _a_runs_own(path):
+        reason = (f"it is a file of the run in {directory}, which wrote it: choose another "
+                  f"name or folder")
     elif kind is not None and os.path.isfile(path):
         reason = _unlike(path, kind)
     if reason is not None:
         raise UserError(f"cannot write {flag} {path}: {reason}")
+
+
+def _a_runs_own(path: str) -> bool:
+    """Whether `path` is a record or picture that the run in its folder writes (a JSON
+    record, or a PNG, would pass _unlike)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not cfg.is_run(folder):
+        return False
+    from vqvae_common import loop  # 1.4 s of imports, for a file in a run's folder only
+    return name in (*loop.RUN_RECORDS, *loop.RECONSTRUCTION_PICTURES, *prior.PriorTask.pictures)
 
 
 def _unlike(path: str, kind: str) -> str | None:
