@@ -91,8 +91,10 @@ def loss_curves(metrics_path: str, path: str) -> None:
     train = [r for r in records if r["split"] == "train"]
     test = [r for r in records if r["split"] == "test"]
     fig, (losses, quality) = plt.subplots(1, 2, figsize=(10, 3.6))
+    marker = "o" if len(train) == 1 else None  # one logged step draws no line
     for label, term in loss_curve_labels(train).items():
-        losses.plot([r["step"] for r in train], [r[term] for r in train], label=label)
+        losses.plot([r["step"] for r in train], [r[term] for r in train], label=label,
+                    marker=marker)
     losses.set(yscale="log", xlabel="step", title="train loss terms")
     losses.legend()
     quality.plot([r["step"] for r in test], [r["psnr"] for r in test], "o-")
