@@ -156,6 +156,7 @@ def test_a_prior_over_a_vqvae_of_other_weights_warns_when_sampled_and_is_not_res
         os.makedirs(os.path.dirname(path))
         Twin(TINY_VQVAE, cfg.TrainConfig(seed=seed)).save(path, 0)
     trained = PriorTwin(prior.PriorConfig(vqvae=vqvae, **TINY_PRIOR), cfg.TrainConfig())
+    assert (trained.num_devices, trained.device_kind) == (1, "cpu")  # config.json's record
     path = str(tmp_path / PriorTwin.checkpoint_name)
     trained.save(path, 1)
     PriorTwin.from_checkpoint(path)

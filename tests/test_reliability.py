@@ -228,6 +228,7 @@ class FakeTwin:
     """A numpy stand-in for a framework, to drive the shared loop's bookkeeping."""
 
     checkpoint_name = "fake.json"
+    num_devices, device_kind = 1, "cpu"
     nan_at: int | None = None
     signal_at: int | None = None
 

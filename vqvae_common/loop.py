@@ -295,10 +295,9 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
 
 
 def _run_record(twin: Twin, checkpoint_name: str) -> dict[str, Any]:
-    """What config.json records of the run beside its flags: where it trained (a prior's
-    twin: one device) and its checkpoint's name, which tells the kinds of run apart."""
-    return {"num_devices": getattr(twin, "num_devices", 1),
-            "device_kind": getattr(twin, "device_kind", str(getattr(twin, "device", ""))),
+    """What config.json records of the run beside its flags: where it trained and its
+    checkpoint's name, which tells the kinds of run apart."""
+    return {"num_devices": twin.num_devices, "device_kind": twin.device_kind,
             "checkpoint": checkpoint_name}
 
 

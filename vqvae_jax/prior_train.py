@@ -77,6 +77,7 @@ class JaxPriorTwin:
         self.vqvae = JaxTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
         self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset,
                                       vqvae_fingerprint(self.vqvae))
+        self.num_devices, self.device_kind = 1, self.vqvae.device_kind
         self.lr_schedule = train_cfg.lr_schedule
         with jax.default_device(self.device):
             self.graphdef, state = nnx.split(create(self.config, train_cfg.lr, train_cfg.seed,

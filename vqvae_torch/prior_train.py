@@ -47,6 +47,7 @@ class TorchPriorTwin:
         self.vqvae = TorchTwin.from_checkpoint(prior_cfg.vqvae, train_cfg.device)
         self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset,
                                       vqvae_fingerprint(self.vqvae))
+        self.num_devices, self.device_kind = 1, self.vqvae.device_kind
         torch.manual_seed(train_cfg.seed)
         self.model = PixelCNN(self.config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
