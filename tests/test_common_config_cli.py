@@ -142,6 +142,8 @@ def test_bad_input_is_a_user_error(argv):
     (["--lr", "nan"], "--lr nan is out of range: expected 1e-08 to 1.0"),
     (["--hidden", "5000"], "--hidden 5000 is out of range: expected 1 to 4096"),
     (["--lr", "-1e-3"], "--lr -0.001 is out of range: expected 1e-08 to 1.0"),  # not a flag
+    # one batch through the encoder: 50000 CIFAR-10 images would take about 60 GB in Flax
+    (["--kmeans-images", "50000"], "--kmeans-images 50000 is out of range: expected 1 to 10000"),
 ])
 def test_out_of_range_message_names_the_flag_and_its_bounds(argv, message):
     with pytest.raises(UserError) as error:

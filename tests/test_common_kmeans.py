@@ -62,6 +62,13 @@ def test_blocked_argmin_matches_the_direct_one(monkeypatch):
     np.testing.assert_array_equal(squared_distances_argmin(z, centres), direct)
 
 
+def test_seeding_reports_each_centre_it_draws():  # the progress bar of a long k-means
+    drawn = []
+    vectors = np.random.default_rng(0).normal(size=(100, 4))
+    kmeans_plus_plus(vectors, 8, np.random.default_rng(0), lambda: drawn.append(1))
+    assert len(drawn) == 7  # the first centre is a uniform draw, before any pass
+
+
 def test_no_vectors_is_an_error():
     with pytest.raises(ValueError):
         kmeans(np.zeros((0, 3)), 2, seed=0)

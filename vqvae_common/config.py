@@ -178,7 +178,9 @@ class TrainConfig:
                    "and Lloyd iterations on the encoder outputs of the first training "
                    "images, from --seed)", choices=("uniform", "kmeans"))
     kmeans_images: int = flag(1024, "training images (the first of epoch 0) whose encoder "
-                                    "outputs --codebook-init kmeans clusters", (1, 1_000_000))
+                                    "outputs --codebook-init kmeans clusters; at most 10000: "
+                                    "the encoder takes them as one batch (Flax, CIFAR-10: "
+                                    "about 1.3 GB of memory a thousand)", (1, 10_000))
     kmeans_iterations: int = flag(10, "Lloyd iterations of --codebook-init kmeans",
                                   (0, 10_000))
 

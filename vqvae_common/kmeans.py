@@ -12,7 +12,10 @@ codes, [1024, 7, 7, 128] -> [50176, 128], K = 512):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from tqdm.auto import tqdm
 
 from vqvae_common.config import TrainConfig, distance_block_rows
 
@@ -26,8 +29,10 @@ def squared_distances_argmin(z: np.ndarray, centres: np.ndarray) -> np.ndarray:
                            for block in np.array_split(z, max(1, -(-len(z) // rows)))])
 
 
-def kmeans_plus_plus(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k centres (k, D) drawn from z (N, D) by k-means++ seeding; repeats when k > N."""
+def kmeans_plus_plus(z: np.ndarray, k: int, rng: np.random.Generator,
+                     progress: Callable[[], object] = lambda: None) -> np.ndarray:
+    """k centres (k, D) drawn from z (N, D) by k-means++ seeding; repeats when k > N.
+    `progress` is called after each centre."""
     z_sq = np.einsum("nd,nd->n", z, z)
 
     def squared_distances(centre: np.ndarray) -> np.ndarray:  # (N,), rounding kept >= 0
@@ -43,22 +48,28 @@ def kmeans_plus_plus(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
                 else rng.integers(len(z)))
         centres[j] = z[pick]
         np.minimum(nearest, squared_distances(centres[j]), out=nearest)
+        progress()
     return centres
 
 
 def kmeans(vectors: np.ndarray, k: int, seed: int,
            iterations: int = TrainConfig.kmeans_iterations) -> np.ndarray:
     """k-means++ seeding then `iterations` Lloyd steps on vectors (N, D): centres (k, D) in
-    float64, deterministic given (vectors, k, seed, iterations)."""
+    float64, deterministic given (vectors, k, seed, iterations). A progress bar (each
+    centre drawn, then each Lloyd step, a pass over the vectors) shows where it takes over
+    2 s: a minute for 10,000 CIFAR-10 images."""
     z = np.asarray(vectors, np.float64).reshape(-1, np.shape(vectors)[-1])
     if len(z) == 0:
         raise ValueError("k-means needs at least one vector")
-    centres = kmeans_plus_plus(z, k, np.random.default_rng(seed))
-    for _ in range(iterations):
-        assignment = squared_distances_argmin(z, centres)
-        counts = np.bincount(assignment, minlength=k)
-        sums = np.stack([np.bincount(assignment, weights=column, minlength=k)
-                         for column in z.T], axis=1)  # (k, D)
-        picked = counts > 0
-        centres[picked] = sums[picked] / counts[picked, None]
+    with tqdm(total=k - 1 + iterations, desc="k-means", unit="pass", delay=2,
+              leave=False) as bar:
+        centres = kmeans_plus_plus(z, k, np.random.default_rng(seed), bar.update)
+        for _ in range(iterations):
+            assignment = squared_distances_argmin(z, centres)
+            counts = np.bincount(assignment, minlength=k)
+            sums = np.stack([np.bincount(assignment, weights=column, minlength=k)
+                             for column in z.T], axis=1)  # (k, D)
+            picked = counts > 0
+            centres[picked] = sums[picked] / counts[picked, None]
+            bar.update()
     return centres
