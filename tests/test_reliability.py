@@ -322,7 +322,9 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp
 
     capsys.readouterr()
     loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
-    assert "holds step 16, where this run ends: nothing to train" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds step 16, where this run ends: nothing to train" in err
+    assert "train:" not in err  # no progress bar of no steps
     assert [r["step"] for r in rows(tmp_path)] == [4, 8, 12, 16, 16]
 
 

@@ -387,7 +387,7 @@ class _Run:
 
     def train(self, train: Any, step: int) -> dict[str, float]:
         self.bar = tqdm(total=self.schedule.total, initial=step, desc="train", unit="step",
-                        dynamic_ncols=True, disable=not self.main)
+                        dynamic_ncols=True, disable=not self.main or step >= self.schedule.total)
         try:
             self._stop_if_asked(step, None)
             while step < self.schedule.total:
