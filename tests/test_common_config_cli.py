@@ -355,19 +355,26 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
         cli.check_output_file(str(tmp_path / "file" / "b" / "new.pt"), "--out", new=True)
 
 
-def test_a_runs_records_and_pictures_are_never_written_over(tmp_path):
+@pytest.mark.parametrize("checkpoint, theirs, not_theirs", [
+    ("checkpoint.pt", "reconstruction.png", "samples.png"),  # a VQ-VAE's run
+    ("prior", "samples.png", "reconstruction.png"),  # a prior's
+    (None, "loss_curves.png", "samples.png"),  # an older version's: a VQ-VAE's (model.pt)
+])
+def test_a_runs_records_and_pictures_are_never_written_over(tmp_path, checkpoint, theirs,
+                                                            not_theirs):
     """A run's config.json and metrics.jsonl begin as JSON, its pictures are PNGs: what
     evaluate.py and sample.py may write over elsewhere."""
-    (tmp_path / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    run = {"model": {}, "train": {}, **({"checkpoint": checkpoint} if checkpoint else {})}
+    (tmp_path / "config.json").write_text(json.dumps(run))
+    (tmp_path / "model.pt").write_bytes(b"")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    for name in ("reconstruction.png", "samples.png", "mine.png"):
+    for name in (theirs, not_theirs):
         (tmp_path / name).write_bytes(cli.OUTPUT_SIGNATURES["PNG"])
-    for name, kind in [("config.json", "JSON"), ("metrics.jsonl", "JSON"),
-                       ("reconstruction.png", "PNG"), ("samples.png", "PNG")]:
+    for name, kind in [("config.json", "JSON"), ("metrics.jsonl", "JSON"), (theirs, "PNG")]:
         with pytest.raises(UserError, match=re.escape(f"it is a file of the run in {tmp_path}, "
                                                       f"which wrote it")):
             cli.check_output_file(str(tmp_path / name), "--out", kind=kind)
-    cli.check_output_file(str(tmp_path / "mine.png"), "--out", kind="PNG")  # not the run's
+    cli.check_output_file(str(tmp_path / not_theirs), "--out", kind="PNG")
     (tmp_path / "config.json").write_text("{}")  # not a run's record: any JSON file
     cli.check_output_file(str(tmp_path / "config.json"), "--json", kind="JSON")
 

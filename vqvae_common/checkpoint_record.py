@@ -15,7 +15,8 @@ import dataclasses
 import os
 from typing import Any
 
-from vqvae_common.config import ModelConfig, model_config
+from vqvae_common.config import (PICTURES, RUN_RECORDS, ModelConfig, is_run, model_config,
+                                  read_run)
 from vqvae_common.errors import UserError
 from vqvae_common.prior import PriorConfig, prior_config
 
@@ -37,6 +38,19 @@ def checkpoint_in(directory: str, kinds: tuple[str, ...] = tuple(KINDS)) -> str 
         if os.path.exists(os.path.join(directory, name)):
             return os.path.join(directory, name)
     return None
+
+
+def run_files(folder: str) -> tuple[str, ...]:
+    """The names of the records and pictures that the run in `folder` writes there, () where
+    no run's config.json is. Its kind is its config.json's checkpoint name or, in an older
+    version's, that of the checkpoint the folder holds (none: a VQ-VAE's)."""
+    if not is_run(folder):
+        return ()
+    name = read_run(folder).get("checkpoint")
+    held = name if isinstance(name, str) else os.path.basename(checkpoint_in(folder) or "")
+    kind = next((kind for (_, kind), checkpoint in CHECKPOINT_NAMES.items()
+                 if checkpoint == held), "vqvae")
+    return (*RUN_RECORDS, *PICTURES[kind])
 
 
 def refuse_run_directory(path: str, kind: str) -> None:
@@ -67,10 +81,10 @@ class CheckpointRecord:
         prior over a VQ-VAE whose weights changed since (its codes changed meaning)."""
         held, wanted = (_comparable(dataclasses.asdict(c)) for c in (self.model_config, config))
         if "" in (held.get("vqvae_weights"), wanted.get("vqvae_weights")):  # unknown: a
-            del held["vqvae_weights"], wanted["vqvae_weights"]  # prior of before stop 41
+            del held["vqvae_weights"], wanted["vqvae_weights"]  # prior saved before it
         if held.get("vqvae_weights") != wanted.get("vqvae_weights"):
-            raise UserError(f"{path} was trained over the codes of other weights than those "
-                            f"of the VQ-VAE {config.vqvae} now (trained on since, or "
+            raise UserError(f"{path} was trained over another version of the VQ-VAE "
+                            f"{config.vqvae} (its weights differ: trained on since, or "
                             f"replaced): train a new prior over it, in another --out")
         if held != wanted:
             differ = ", ".join(f"{key} {held.get(key)} (not {wanted.get(key)})"

@@ -22,6 +22,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import config as cfg
 from vqvae_common import host_memory, prior
+from vqvae_common.checkpoint_record import run_files
 from vqvae_common.errors import UserError, one_line
 from vqvae_common.stop_signals import Stopped, exit_at_once
 
@@ -282,23 +283,13 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
         reason = "it exists, and is never written over: remove it or choose another"
     elif os.path.isdir(path):
         reason = "it is a directory"
-    elif os.path.isfile(path) and _a_runs_own(path):
+    elif os.path.isfile(path) and os.path.basename(path) in run_files(directory):
         reason = (f"it is a file of the run in {directory}, which wrote it: choose another "
                   f"name or folder")
     elif kind is not None and os.path.isfile(path):
         reason = _unlike(path, kind)
     if reason is not None:
         raise UserError(f"cannot write {flag} {path}: {reason}")
-
-
-def _a_runs_own(path: str) -> bool:
-    """Whether `path` is a record or picture that the run in its folder writes (a JSON
-    record, or a PNG, would pass _unlike)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    if not cfg.is_run(folder):
-        return False
-    from vqvae_common import loop  # 1.4 s of imports, for a file in a run's folder only
-    return name in (*loop.RUN_RECORDS, *loop.RECONSTRUCTION_PICTURES, *prior.PriorTask.pictures)
 
 
 def _unlike(path: str, kind: str) -> str | None:

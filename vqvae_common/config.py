@@ -226,6 +226,13 @@ def to_json(model: ModelConfig, train: TrainConfig, run: dict[str, Any] | None =
                        **(run or {})}, indent=2, sort_keys=True)
 
 
+RUN_RECORDS = ("config.json", "metrics.jsonl")  # what every run writes into its --out
+# ... beside the pictures of its kind (vqvae_common.checkpoint_record.KINDS), drawn at each
+# epoch's end
+PICTURES = {"vqvae": ("reconstruction.png", "interpolation.gif", "loss_curves.png"),
+            "prior": ("samples.png",)}
+
+
 def read_run(out: str) -> dict[str, Any]:
     """`out`'s config.json as a dict; {} where there is none (or it is not a JSON object)."""
     try:

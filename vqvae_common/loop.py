@@ -40,8 +40,6 @@ from vqvae_common.stop_signals import StopSignals, Stopped
 
 INTERPOLATION_FRAMES = 16
 GRID_PAIRS = 32
-RUN_RECORDS = ("config.json", "metrics.jsonl")  # what a run writes beside its pictures
-RECONSTRUCTION_PICTURES = ("reconstruction.png", "interpolation.gif", "loss_curves.png")
 
 
 class Twin(Protocol):
@@ -181,7 +179,7 @@ class Reconstruction:
     """The VQ-VAE's Task: images in, reconstruction metrics and pictures out."""
 
     progress_keys = ("loss", "recon")
-    pictures = RECONSTRUCTION_PICTURES
+    pictures = cfg.PICTURES["vqvae"]
 
     def __init__(self, train_cfg: cfg.TrainConfig) -> None:
         self.train_cfg = train_cfg
@@ -231,7 +229,7 @@ def warn_of_repeated_centres(num_images: int, dataset: cfg.Dataset, num_codes: i
 
 
 def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
-    grid, gif, curves = (os.path.join(out, name) for name in RECONSTRUCTION_PICTURES)
+    grid, gif, curves = (os.path.join(out, name) for name in cfg.PICTURES["vqvae"])
     targets = data.to_float(test_images[:GRID_PAIRS])
     recons, _, _ = twin.evaluate(targets)
     images.reconstruction_grid(targets, recons, grid)
@@ -487,13 +485,17 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                         "from another run's model: pass one of them")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    if make_twin.has_checkpoint(out):
-        raise UserError(f"--out {out} is a checkpoint, not a run's folder: to train from it, "
-                        f"pass --init-from {out} and another --out")
     if (around := _run_around(out)) is not None:
+        if os.path.join(around, make_twin.checkpoint_name) == os.path.realpath(out):
+            raise UserError(f"--out {out} is the checkpoint of the run in {around}: to go on "
+                            f"with that run, pass --out {around} with --resume")
         raise UserError(f"--out {out} is inside the run in {around}, whose files and "
                         f"checkpoints are its own (a resume there rewrites its tensorboard/): "
                         f"choose a folder outside it")
+    if make_twin.has_checkpoint(out):
+        raise UserError(f"--out {out} is a checkpoint, not a run's folder: choose a new folder "
+                        f"(a VQ-VAE to start from goes to --init-from, or to --vqvae for a "
+                        f"prior)")
     recorded, ours = cfg.read_run(out), make_twin.checkpoint_name
     name = recorded.get("checkpoint")
     if not isinstance(name, str):  # no config.json, or an older version's: the files tell
@@ -510,7 +512,7 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
     ran = cfg.is_run(out)
-    ours_to_write = [name for name in (*RUN_RECORDS, *pictures)
+    ours_to_write = [name for name in (*cfg.RUN_RECORDS, *pictures)
                      if os.path.lexists(os.path.join(out, name))]
     if not train_cfg.resume and not ran and ours_to_write:
         raise UserError(f"{out} holds {', '.join(ours_to_write)}, which no run wrote and this "

@@ -63,7 +63,7 @@ class PriorConfig:
     dataset: str = "mnist"
     num_codes: int = 0
     # fingerprint() of the VQ-VAE's weights: a VQ-VAE trained on, or another one at the same
-    # path, gives its codes other meanings. "" in the priors of before stop 41: unknown.
+    # path, gives its codes other meanings. "" (unknown) in priors saved before it existed.
     vqvae_weights: str = ""
 
     @property
@@ -238,7 +238,7 @@ class PriorTask:
     grids as the epoch's picture."""
 
     progress_keys = ("loss",)
-    pictures = ("samples.png",)
+    pictures = cfg.PICTURES["prior"]
 
     def __init__(self, framework: str, prior_cfg: PriorConfig, train_cfg: cfg.TrainConfig
                  ) -> None:
