@@ -97,6 +97,23 @@ def test_a_checkpoint_given_as_a_runs_out_is_refused_and_left_as_it_was(tmp_path
     before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
     for resume in (False, True):  # --resume there: what a user of a converted one tries
         with pytest.raises(UserError, match=f"--out {path} is a checkpoint, not a run's "
-                                            f"folder: to train from it, pass --init-from"):
+                                            f"folder: choose a new folder"):
             loop.fit(JaxTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(path), resume=resume))
     assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+    run = tmp_path / "run"  # a run's own checkpoint given as --out: its run goes on
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.json").write_text('{"model": {}, "train": {}}')
+    shutil.copytree(path / "20", run / "checkpoint" / "20")
+    with pytest.raises(UserError, match=f"--out {run}/checkpoint is the checkpoint of the run "
+                                        f"in {run}: to go on with that run, pass --out {run} "
+                                        f"with --resume"):
+        loop.fit(JaxTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(run / "checkpoint")))
+
+
+def test_a_folder_of_numbered_folders_is_no_checkpoint(tmp_path):
+    from vqvae_jax import checkpoint
+
+    (tmp_path / "7").mkdir()  # orbax alone would take it for step 7
+    assert not checkpoint.has_checkpoint(str(tmp_path))
+    JAX.make().save(str(tmp_path / "c"), 20)
+    assert checkpoint.has_checkpoint(str(tmp_path / "c"))

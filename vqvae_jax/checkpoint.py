@@ -49,11 +49,13 @@ def save(path: str, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
 
 
 def has_checkpoint(path: str) -> bool:
-    """Whether `path` holds a complete step (a temporary folder is not one)."""
+    """Whether `path` holds a complete step (a temporary folder is not one) with this
+    project's record: orbax takes any folder named by a number for a step."""
     if not os.path.isdir(path):
         return False
     with _manager(path) as manager:
-        return manager.latest_step() is not None
+        step = manager.latest_step()
+    return step is not None and os.path.isdir(os.path.join(path, str(step), "meta"))
 
 
 def remove_partial_writes(path: str) -> None:
