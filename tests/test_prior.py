@@ -156,7 +156,7 @@ def test_a_prior_over_a_vqvae_of_other_weights_warns_when_sampled_and_is_not_res
         os.makedirs(os.path.dirname(path))
         Twin(TINY_VQVAE, cfg.TrainConfig(seed=seed)).save(path, 0)
     trained = PriorTwin(prior.PriorConfig(vqvae=vqvae, **TINY_PRIOR), cfg.TrainConfig())
-    assert (trained.num_devices, trained.device_kind) == (1, "cpu")  # config.json's record
+    assert (trained.num_devices, trained.device_kind) == (1, trained.vqvae.device_kind)
     path = str(tmp_path / PriorTwin.checkpoint_name)
     trained.save(path, 1)
     PriorTwin.from_checkpoint(path)
@@ -167,24 +167,29 @@ def test_a_prior_over_a_vqvae_of_other_weights_warns_when_sampled_and_is_not_res
         f"warning: the VQ-VAE {other} is not the one the prior was trained over (other "
         f"weights: trained on since, or another model): its samples decode codes this VQ-VAE "
         f"did not learn\n")
-    with pytest.raises(UserError, match="trained over the codes of other weights than those "
-                                        "of the VQ-VAE"):
+    with pytest.raises(UserError, match="was trained over another version of the VQ-VAE"):
         PriorTwin(prior.PriorConfig(vqvae=other, **TINY_PRIOR), cfg.TrainConfig()).load(path)
 
 
-def test_a_vqvae_and_its_conversion_have_one_fingerprint(tmp_path):
+def test_a_vqvae_and_its_conversions_have_one_fingerprint(tmp_path):
+    """A trained EMA model (BatchNorm counts and EMA state set), to Flax and back."""
     import convert
     from vqvae_jax.prior_train import vqvae_fingerprint as flax_fingerprint
     from vqvae_jax.train import JaxTwin
     from vqvae_torch.prior_train import vqvae_fingerprint as torch_fingerprint
     from vqvae_torch.train import TorchTwin
 
-    source, converted = str(tmp_path / "checkpoint.pt"), str(tmp_path / "checkpoint")
-    TorchTwin(TINY_VQVAE, cfg.TrainConfig()).save(source, 0)
-    convert.torch_to_flax(source, converted)
+    source, flax, back = (str(tmp_path / name) for name in ("t.pt", "flax", "back.pt"))
+    twin = TorchTwin(dataclasses.replace(TINY_VQVAE, codebook_update="ema"), cfg.TrainConfig())
+    twin.train_step(np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype(np.float32))
+    twin.save(source, 1)
+    convert.torch_to_flax(source, flax)
+    convert.flax_to_torch(flax, back)
     fingerprint = torch_fingerprint(TorchTwin.from_checkpoint(source))
-    assert flax_fingerprint(JaxTwin.from_checkpoint(converted)) == fingerprint
-    assert torch_fingerprint(TorchTwin(TINY_VQVAE, cfg.TrainConfig(seed=1))) != fingerprint
+    assert flax_fingerprint(JaxTwin.from_checkpoint(flax)) == fingerprint
+    assert torch_fingerprint(TorchTwin.from_checkpoint(back)) == fingerprint
+    twin.train_step(np.random.default_rng(1).uniform(-1, 1, (8, 28, 28, 1)).astype(np.float32))
+    assert torch_fingerprint(twin) != fingerprint  # trained on: another VQ-VAE
 
 
 def test_a_prior_of_before_the_fingerprint_fits_any_vqvae_weights():
