@@ -30,8 +30,13 @@ def exit_at_once(signum: int, frame: FrameType | None) -> NoReturn:
     with XLA's or tensorstore's threads at work, segfaulted (3 of 13 tries 2.8-5.5 s in). The
     tools write every file atomically (vqvae_common.atomic, orbax), so no exit leaves one
     half written."""
+    _exit_now("interrupted", signum)
+
+
+def _exit_now(message: str, signum: int) -> NoReturn:
+    """`message` on stderr, then exit status 128 + signum, without Python's clean-up."""
     with contextlib.suppress(OSError):  # a closed stderr must not keep it running
-        print("interrupted", file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
@@ -73,11 +78,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
-            with contextlib.suppress(OSError):  # a closed stderr must not keep it running
-                print(f"\nstopped at once by a second {signal.Signals(signum).name}; the "
-                      f"last complete checkpoint is kept: rerun with --resume to continue "
-                      f"from it", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+            _exit_now(f"\nstopped at once by a second {signal.Signals(signum).name}; the last "
+                      f"complete checkpoint is kept: rerun with --resume to continue from it",
+                      signum)
         self.received = signum
         if not self._deferred:
             raise Stopped(f"stopped by {self.name} before the first step; nothing needed "
