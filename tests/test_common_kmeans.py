@@ -1,8 +1,10 @@
 """vqvae_common.kmeans: the codebook start both twins share."""
 import numpy as np
 import pytest
+from tqdm.auto import tqdm
 
 from vqvae_common import config, loop
+from vqvae_common import kmeans as kmeans_module
 from vqvae_common.kmeans import kmeans, kmeans_plus_plus, squared_distances_argmin
 
 CENTRES = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -78,3 +80,30 @@ def test_no_vectors_is_an_error():
 def test_a_start_with_fewer_encoder_vectors_than_codes_is_warned_of(capsys, images, warned):
     loop.warn_of_repeated_centres(images, config.DATASETS["mnist"], 512)  # 49 vectors each
     assert ("--kmeans-images 11 or more" in capsys.readouterr().err) == warned
+
+
+class CodebookRecorder:  # the Twin's initialize_codebook, recorded
+    config = config.ModelConfig(in_channels=1, hidden=8, num_codes=16)
+
+    def initialize_codebook(self, images, seed, iterations, show_progress=True):
+        self.show_progress = show_progress
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_only_the_main_process_reports_its_kmeans(capsys, main):
+    """A data-parallel run's other processes compute the same codebook, silently: one line
+    and one pair of k-means progress bars on the terminal, not one per process."""
+    twin, images = CodebookRecorder(), np.zeros((40, 28, 28, 1), np.uint8)
+    task = loop.Reconstruction(config.TrainConfig(kmeans_images=4))
+    task.start(twin, images, images, resume=False, main=main)
+    assert twin.show_progress == main
+    assert ("codebook: k-means" in capsys.readouterr().err) == main
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_kmeans_progress_bars_follow_show_progress(monkeypatch, shown):
+    disabled = []
+    monkeypatch.setattr(kmeans_module, "tqdm",
+                        lambda **kwargs: disabled.append(kwargs["disable"]) or tqdm(**kwargs))
+    kmeans(np.random.default_rng(0).normal(size=(50, 3)), 4, seed=0, show_progress=shown)
+    assert disabled == [not shown, not shown]

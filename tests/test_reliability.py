@@ -244,7 +244,8 @@ class FakeTwin:
     def remove_partial_checkpoints(path: str) -> None:
         pass
 
-    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int,
+                            show_progress: bool = True) -> None:
         pass
 
     def train_step(self, batch: np.ndarray) -> dict[str, float]:

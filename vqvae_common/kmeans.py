@@ -53,17 +53,18 @@ def kmeans_plus_plus(z: np.ndarray, k: int, rng: np.random.Generator,
 
 
 def kmeans(vectors: np.ndarray, k: int, seed: int,
-           iterations: int = TrainConfig.kmeans_iterations) -> np.ndarray:
+           iterations: int = TrainConfig.kmeans_iterations, show_progress: bool = True
+           ) -> np.ndarray:
     """k-means++ seeding then `iterations` Lloyd steps on vectors (N, D): centres (k, D) in
-    float64, deterministic given (vectors, k, seed, iterations). Each phase shows a progress
-    bar where it takes over 2 s (a k-means start from 6000 CIFAR-10 images took 45 s, the
-    encoder included, on a 2-core CPU)."""
+    float64, deterministic given (vectors, k, seed, iterations). With `show_progress`, each
+    phase shows a progress bar where it takes over 2 s (a k-means start from 6000 CIFAR-10
+    images took 45 s, the encoder included, on a 2-core CPU)."""
     z = np.asarray(vectors, np.float64).reshape(-1, np.shape(vectors)[-1])
     if len(z) == 0:
         raise ValueError("k-means needs at least one vector")
-    with _bar(k - 1, "k-means++ seeding", "centre") as bar:
+    with _bar(k - 1, "k-means++ seeding", "centre", show_progress) as bar:
         centres = kmeans_plus_plus(z, k, np.random.default_rng(seed), bar.update)
-    with _bar(iterations, "k-means Lloyd steps", "step") as bar:
+    with _bar(iterations, "k-means Lloyd steps", "step", show_progress) as bar:
         for _ in range(iterations):
             assignment = squared_distances_argmin(z, centres)
             counts = np.bincount(assignment, minlength=k)
@@ -75,6 +76,6 @@ def kmeans(vectors: np.ndarray, k: int, seed: int,
     return centres
 
 
-def _bar(total: int, desc: str, unit: str) -> tqdm:
+def _bar(total: int, desc: str, unit: str, shown: bool) -> tqdm:
     """A progress bar that shows only once its work has taken 2 s, and goes when done."""
-    return tqdm(total=total, desc=desc, unit=unit, delay=2, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, delay=2, leave=False, disable=not shown)

@@ -80,10 +80,11 @@ class Twin(Protocol):
     def remove_partial_checkpoints(path: str) -> None:
         """Delete what checkpoint writes interrupted by a kill left at `path`."""
 
-    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int,
+                            show_progress: bool = True) -> None:
         """The quantizer's initialize_kmeans on the encoder outputs of `images`, computed
         with batch statistics (as the first steps will) and leaving every state but the
-        codebook's as it was."""
+        codebook's as it was; show_progress: the k-means's progress bars."""
 
     def train_step(self, batch: np.ndarray) -> Any:
         """One optimizer step; returns the loss terms on the device, not synced."""
@@ -158,8 +159,10 @@ class Task(Protocol):
     def load(self, split: str) -> Any:
         """The split's data as read from disk (before `start`)."""
 
-    def start(self, twin: Any, train: Any, test: Any, resume: bool) -> tuple[Sized, Sized]:
-        """What the twin computes before the first step: the (train, test) examples."""
+    def start(self, twin: Any, train: Any, test: Any, resume: bool, main: bool
+              ) -> tuple[Sized, Sized]:
+        """What the twin computes before the first step: the (train, test) examples. Only
+        the `main` process of a data-parallel run reports on it."""
 
     def batches(self, train: Any, epoch: int, skip: int) -> Iterator[Any]:
         """The seeded batches of `epoch` from batch `skip` on, as the twin's train_step
@@ -188,17 +191,20 @@ class Reconstruction:
         split_images = data.load(self.train_cfg.dataset, split, self.train_cfg.data_dir)
         return split_images[:self.train_cfg.eval_images] if split == "test" else split_images
 
-    def start(self, twin: Twin, train: np.ndarray, test: np.ndarray, resume: bool
+    def start(self, twin: Twin, train: np.ndarray, test: np.ndarray, resume: bool, main: bool
               ) -> tuple[np.ndarray, np.ndarray]:
         train_cfg = self.train_cfg
         fresh = not resume and train_cfg.init_from is None
         if fresh and train_cfg.codebook_init == "kmeans":
             first = data.first_images(train, train_cfg.kmeans_images, train_cfg.seed)
-            print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
-                  f"on the encoder outputs of {len(first)} training images", file=sys.stderr)
-            warn_of_repeated_centres(len(first), cfg.DATASETS[train_cfg.dataset],
-                                     twin.config.num_codes)
-            twin.initialize_codebook(first, train_cfg.seed, train_cfg.kmeans_iterations)
+            if main:
+                print(f"codebook: k-means ({train_cfg.kmeans_iterations} Lloyd iterations) "
+                      f"on the encoder outputs of {len(first)} training images",
+                      file=sys.stderr)
+                warn_of_repeated_centres(len(first), cfg.DATASETS[train_cfg.dataset],
+                                         twin.config.num_codes)
+            twin.initialize_codebook(first, train_cfg.seed, train_cfg.kmeans_iterations,
+                                     show_progress=main)
         return train, test
 
     def batches(self, train: np.ndarray, epoch: int, skip: int) -> Iterator[np.ndarray]:
@@ -265,7 +271,7 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
             step = twin.load(ckpt) if train_cfg.resume else 0
             if train_cfg.init_from is not None:
                 twin.init_weights(train_cfg.init_from)
-            train, test = task.start(twin, train, test, train_cfg.resume)
+            train, test = task.start(twin, train, test, train_cfg.resume, main)
             if main:
                 if step >= schedule.total:  # a start that only finishes the clean-up below
                     limit = ("--max-steps" if schedule.total == train_cfg.max_steps

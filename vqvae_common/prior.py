@@ -254,12 +254,13 @@ class PriorTask:
         rows = slice(self.train_cfg.eval_images) if split == "test" else slice(None)
         return Labelled(split_images[rows], labels[rows].astype(np.int32))
 
-    def start(self, twin: Any, train: Labelled, test: Labelled, resume: bool
+    def start(self, twin: Any, train: Labelled, test: Labelled, resume: bool, main: bool
               ) -> tuple[Labelled, Labelled]:
         sets = []
         for split, images_of_split in (("train", train), ("test", test)):
-            print(f"codes: {split} split through the VQ-VAE {twin.config.vqvae}",
-                  file=sys.stderr)
+            if main:
+                print(f"codes: {split} split through the VQ-VAE {twin.config.vqvae}",
+                      file=sys.stderr)
             cache = codes_cache(self.framework, self.prior_cfg.vqvae, self.train_cfg.dataset,
                                 split, self.train_cfg.data_dir)
             codes = extract_codes(twin.codes, images_of_split.examples,

@@ -357,13 +357,14 @@ class VectorQuantizer(nnx.Module):
         self._restart_ema(jnp.ones(len(codebook), bool))
 
     def initialize_kmeans(self, z_e: jax.Array, seed: int,
-                          iterations: int = TrainConfig.kmeans_iterations) -> None:
+                          iterations: int = TrainConfig.kmeans_iterations,
+                          show_progress: bool = True) -> None:
         """codebook <- vqvae_common.kmeans of the vectors of z_e (B, h, w, D), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step). Not
         jittable: the k-means runs in numpy."""
         num_codes = len(self.codebook[...])
         self.set_codebook(kmeans(np.asarray(z_e).reshape(-1, z_e.shape[-1]), num_codes, seed,
-                                 iterations))
+                                 iterations, show_progress))
         self.usage[...] = jnp.full_like(self.usage[...], 1 / num_codes)
 
     def restart_dead_codes(self, z_e: jax.Array) -> None:

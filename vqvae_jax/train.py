@@ -221,11 +221,12 @@ class JaxTwin:
                                      (jax.process_index() + 1) * share)
         return jax.make_array_from_process_local_data(sharding, array[tuple(rows)], array.shape)
 
-    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int,
+                            show_progress: bool = True) -> None:
         z_e = jax.jit(functools.partial(encode_batch_statistics, self.graphdef))(
             self.state, self._put(images))
         model, optimizer = nnx.merge(self.graphdef, self.state)
-        model.quantizer.initialize_kmeans(to_host(z_e), seed, iterations)
+        model.quantizer.initialize_kmeans(to_host(z_e), seed, iterations, show_progress)
         self.state = jax.device_put(nnx.state((model, optimizer)), self.replicated)
 
     def train_step(self, batch: np.ndarray) -> dict[str, jax.Array]:

@@ -220,11 +220,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize_kmeans(self, z_e: torch.Tensor, seed: int,
-                          iterations: int = TrainConfig.kmeans_iterations) -> None:
+                          iterations: int = TrainConfig.kmeans_iterations,
+                          show_progress: bool = True) -> None:
         """codebook <- vqvae_common.kmeans of the vectors of z_e (B, D, h, w), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step)."""
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        self.set_codebook(kmeans(flat.cpu().numpy(), len(self.codebook), seed, iterations))
+        self.set_codebook(kmeans(flat.cpu().numpy(), len(self.codebook), seed, iterations,
+                                 show_progress))
         self.usage.fill_(1 / len(self.codebook))
 
     @torch.no_grad()

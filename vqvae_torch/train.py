@@ -128,12 +128,13 @@ class TorchTwin:
         return twin
 
     @torch.no_grad()
-    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int) -> None:
+    def initialize_codebook(self, images: np.ndarray, seed: int, iterations: int,
+                            show_progress: bool = True) -> None:
         # every process computes the same codebook from the same images, alone
         with distributed.local():
             encoder = copy.deepcopy(self.model.encoder).train()  # the model's stats stay
             z_e = encoder(to_tensor(images, self.device))
-            self.model.quantizer.initialize_kmeans(z_e, seed, iterations)
+            self.model.quantizer.initialize_kmeans(z_e, seed, iterations, show_progress)
 
     def train_step(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
         set_learning_rate(self.optimizer, float(self.learning_rate(self.step)))
