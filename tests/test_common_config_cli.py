@@ -95,8 +95,20 @@ def test_resume_takes_the_flags_the_run_recorded(tmp_path):
     assert (longer_model.hidden, longer_model.beta) == (64, 1.0)  # the loop refuses hidden
 
 
+def test_resume_keeps_a_recorded_zero(tmp_path):
+    """0 == False in Python: a recorded --restart-below 0 (the paper's codebook, no
+    restarts) or --kmeans-iterations 0 must not fall back to the preset's value."""
+    zeros = ["--restart-below", "0", "--beta", "0", "--kmeans-iterations", "0"]
+    model, train = cli.parse("torch", ["--out", str(tmp_path), *zeros])
+    (tmp_path / "config.json").write_text(config.to_json(model, train))
+    resumed_model, resumed = cli.parse("torch", ["--out", str(tmp_path), "--resume"])
+    assert (resumed_model.restart_below, resumed_model.beta) == (0.0, 0.0)
+    assert resumed.kmeans_iterations == 0
+
+
 def test_resume_in_a_priors_out_leaves_the_refusal_to_the_loop(tmp_path):
     prior_cfg, train = cli.parse_prior("jax", ["--vqvae", "tests", "--out", str(tmp_path)])
+    prior_cfg = dataclasses.replace(prior_cfg, num_codes=512)  # as `complete` records it
     (tmp_path / "config.json").write_text(config.to_json(prior_cfg, train))
     assert cli.parse("jax", ["--out", str(tmp_path), "--resume"])[1].resume  # then the
     #   loop refuses: "holds another kind of run"

@@ -196,8 +196,9 @@ def resumed(build: Callable[[bool], argparse.ArgumentParser], out: str, names: s
               **({**cfg.BEFORE_FIELD_EXISTED, **model} if isinstance(model, dict) else {})}
     recorded = []
     for name, value in values.items():
+        # `is`, not `in (None, False)`, whose == would drop a recorded 0 (0 == False)
         if name in names and name not in given and name not in FROM_COMMAND_ON_RESUME \
-                and value not in (None, False):
+                and value is not None and value is not False:
             flag = cfg.option(name)
             recorded += [flag] if value is True else [f"{flag}={value}"]
     try:
