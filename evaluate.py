@@ -50,8 +50,8 @@ def trained_on(checkpoint: str, model_cfg: config.ModelConfig) -> str | None:
     try:
         with open(path) as f:
             run_model, run_train = config.from_json(f.read())
-    except (OSError, ValueError, KeyError, TypeError):  # absent, or not a run's config
-        return None
+    except (OSError, ValueError, KeyError, TypeError, UserError):  # absent, or not a
+        return None  # VQ-VAE run's config (a prior's, say: a checkpoint converted into it)
     if run_model != model_cfg or run_train.dataset not in config.DATASETS:
         return None
     return run_train.dataset

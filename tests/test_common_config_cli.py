@@ -229,6 +229,10 @@ def test_evaluate_ignores_a_config_json_of_another_model(evaluate, tmp_path):
     assert evaluate.choose_dataset(None, checkpoint, mnist_model).name == "mnist"
     (tmp_path / "config.json").write_text(json.dumps(["not", "a", "run"]))
     assert evaluate.trained_on(checkpoint, mnist_model) is None
+    (tmp_path / "model.pt").touch()
+    prior, train = cli.parse_prior("torch", ["--vqvae", checkpoint])  # a prior run's record
+    (tmp_path / "config.json").write_text(config.to_json(prior, train))
+    assert evaluate.trained_on(checkpoint, mnist_model) is None
 
 
 def test_evaluate_refuses_a_dataset_the_model_cannot_take(evaluate, tmp_path):
