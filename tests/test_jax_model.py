@@ -290,7 +290,7 @@ def test_quantizer_distances_use_highest_precision(block, monkeypatch):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_first_argmin_is_argmin_with_ties_infinities_and_nans(jit):
-    """nearest_codes' argmin (vqvae_jax.model.first_argmin, the faster formulation of
+    """nearest_codes' argmin (vqvae_jax.xla_cpu.first_argmin, the faster formulation of
     jnp.argmin on XLA's CPU backend) gives jnp.argmin's indices: the first of tied minima,
     the first NaN of a row that has one, 0 for a row all +inf."""
     rng = np.random.default_rng(0)
@@ -299,7 +299,7 @@ def test_first_argmin_is_argmin_with_ties_infinities_and_nans(jit):
     d[7, [2, 9]], d[8, :] = np.nan, np.nan
     d[9, 4], d[10, 30] = -np.inf, -np.inf
     d[11, :] = 0
-    argmin = jax.jit(jax_model.first_argmin) if jit else jax_model.first_argmin
+    argmin = jax.jit(xla_cpu.first_argmin) if jit else xla_cpu.first_argmin
     got, want = np.asarray(argmin(jnp.asarray(d))), np.asarray(jnp.argmin(jnp.asarray(d), 1))
     np.testing.assert_array_equal(got, want)
     assert got.dtype == want.dtype

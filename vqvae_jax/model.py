@@ -196,44 +196,19 @@ class Decoder(nnx.Module):
         return jnp.tanh(self.deconv2(h))
 
 
-def first_argmin(distances: jax.Array) -> jax.Array:
-    """jnp.argmin(distances, 1) for (N, K) distances, the same indices: the first index of
-    each row's minimum, or of its first NaN if it has one.
-
-    Why not jnp.argmin: XLA lowers it to one variadic (value, index) reduction, which its CPU
-    backend runs as a scalar loop; here a min and an integer min are two plain reductions it
-    vectorizes. At MNIST's N = 3136, K = 512 (jitted alone, one core, interleaved) 8.5 ->
-    2.8 ms, at CIFAR-10's N = 4096 13.3 -> 6.5 ms; whole MNIST train step (interleaved in
-    one process, background trainings paused) 126.9 -> 121.8 ms on one core (taskset -c 0),
-    76.2 -> 72.5 ms on two.
-
-    - Both reductions read one materialized copy of the distances (the optimization
-      barrier), so the compare meets exactly the value the min returned, whatever XLA fuses.
-    - NaNs are masked out of the min and ranked first in the integer min (index k for a
-      NaN, K + k for a minimum), not left to the min's own NaN rule: XLA:CPU's YNNPACK
-      reduction drops NaNs (jnp.min of a (300, 37) row holding one NaN gave 0.0).
-    """
-    d = jax.lax.optimization_barrier(distances)
-    num = d.shape[1]
-    nan = jnp.isnan(d)
-    smallest = jnp.min(jnp.where(nan, jnp.inf, d), 1, keepdims=True)
-    k = jax.lax.broadcasted_iota(jnp.int32, d.shape, 1)
-    first = jnp.min(jnp.where(nan, k, jnp.where(d == smallest, k + num, 2 * num)), 1)
-    return jnp.where(first < num, first, first - num)
-
-
 def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
     """argmin_k ||z_n - e_k||^2 for flat (N, D) and codebook (K, D): indices (N,).
 
     The distances ||z||^2 - 2 z.e + ||e||^2 come from one matmul per block of rows, each
     block at most config.DISTANCE_BLOCK entries (jax.lax.map runs the blocks one after
-    another), so memory grows as N * D, never as N * K. Each block's argmin is first_argmin.
+    another), so memory grows as N * D, never as N * K. Each block's argmin is
+    xla_cpu.first_argmin: jnp.argmin's indices, by reductions XLA's CPU backend vectorizes.
     """
     codebook_sq = jnp.sum(codebook ** 2, 1)
 
     def block_argmin(block: jax.Array) -> jax.Array:
         products = jnp.matmul(block, codebook.T, precision=jax.lax.Precision.HIGHEST)
-        return first_argmin(codebook_sq - 2 * products + jnp.sum(block ** 2, 1, keepdims=True))
+        return xla_cpu.first_argmin(codebook_sq - 2 * products + jnp.sum(block ** 2, 1, keepdims=True))
 
     rows = distance_block_rows(len(codebook))
     if len(flat) <= rows:

@@ -1,9 +1,12 @@
-"""Faster formulations of the model's BatchNorm and convolutions for XLA's CPU backend.
+"""Faster formulations of the model's BatchNorm, convolutions and argmin for XLA's CPU
+backend.
 
 Each function computes the same function as the plain XLA op it replaces in
 vqvae_jax/model.py (within float rounding), with a forward or backward that XLA's CPU
 backend runs faster. The model uses them only on the CPU (`fast_cpu`), where they were
-measured; on GPUs and TPUs, where nobody measured them, the plain ops run.
+measured; on GPUs and TPUs, where nobody measured them, the plain ops run. The exception
+is first_argmin, the quantizer's argmin on every device: its indices are jnp.argmin's
+exactly, not within rounding.
 
 Measured by `python bench/xla_cpu_kernels.py --dataset mnist|cifar10` (forward + gradient on
 the shapes of the model's layers at batch 64, plain op and fast path interleaved in one
@@ -39,9 +42,9 @@ with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afres
   Again on Zen 5 (full-width AVX-512; one process, interleaved), YNNPACK / Eigen: 4x4/2
   forward 5.69 / 3.84 ms, its phase-conv input gradient 7.07 / 4.02, its kernel gradient
   6.69 / 5.79, 3x3 forward 2.48 / 2.10, 3x3 kernel gradient 3.38 / 2.20: Eigen still.
-- The page faults: vqvae_common.host_memory.keep_freed_memory, which the entry points call
-  before JAX starts, has glibc keep the freed temporary buffer for the next call. MNIST
-  step, trainings paused: 99.3 -> 85.1 ms (0 page faults).
+- The page faults: vqvae_common.host_memory.keep_freed_memory, which the trainers call
+  (cli.main) before JAX starts, has glibc keep the freed temporary buffer for the next
+  call. MNIST step, trainings paused: 99.3 -> 85.1 ms (0 page faults).
 
 The 3x3 convolutions over even sizes (CIFAR-10's 8x8 residual convs) run Winograd's
 F(2x2, 3x3), vqvae_jax/winograd.py: 2.25x fewer multiply-adds, at a relative difference of
@@ -245,3 +248,30 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides: Sequence[in
 # (see the module docstring): jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def first_argmin(distances: jax.Array) -> jax.Array:
+    """jnp.argmin(distances, 1) for (N, K) distances, the same indices: the first index of
+    each row's minimum, or of its first NaN if it has one. model.nearest_codes uses it on
+    every device.
+
+    Why not jnp.argmin: XLA lowers it to one variadic (value, index) reduction, which its CPU
+    backend runs as a scalar loop; here a min and an integer min are two plain reductions it
+    vectorizes. At MNIST's N = 3136, K = 512 (jitted alone, one core, interleaved) 8.5 ->
+    2.8 ms, at CIFAR-10's N = 4096 13.3 -> 6.5 ms; whole MNIST train step (interleaved in
+    one process, background trainings paused) 126.9 -> 121.8 ms on one core (taskset -c 0),
+    76.2 -> 72.5 ms on two.
+
+    - Both reductions read one materialized copy of the distances (the optimization
+      barrier), so the compare meets exactly the value the min returned, whatever XLA fuses.
+    - NaNs are masked out of the min and ranked first in the integer min (index k for a
+      NaN, K + k for a minimum), not left to the min's own NaN rule: XLA:CPU's YNNPACK
+      reduction drops NaNs (jnp.min of a (300, 37) row holding one NaN gave 0.0).
+    """
+    d = jax.lax.optimization_barrier(distances)
+    num = d.shape[1]
+    nan = jnp.isnan(d)
+    smallest = jnp.min(jnp.where(nan, jnp.inf, d), 1, keepdims=True)
+    k = jax.lax.broadcasted_iota(jnp.int32, d.shape, 1)
+    first = jnp.min(jnp.where(nan, k, jnp.where(d == smallest, k + num, 2 * num)), 1)
+    return jnp.where(first < num, first, first - num)
