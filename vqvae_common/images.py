@@ -1,6 +1,6 @@
 """Pictures of what the model does: a target|reconstruction grid, a latent-walk GIF, a grid
-of samples, and the loss curves of a run. Each file is replaced atomically: a kill while one is written
-leaves the previous picture, never a truncated one."""
+of samples, and the loss curves of a run. Each file is replaced atomically: a kill while one
+is written leaves the previous picture, never a truncated one."""
 from __future__ import annotations
 
 import json
@@ -24,20 +24,9 @@ def _pil(image: np.ndarray, scale: int) -> Image.Image:
 
 def reconstruction_grid(targets: np.ndarray, recons: np.ndarray, path: str,
                         pairs_per_row: int = 8, scale: int = 2) -> None:
-    """PNG of `pairs_per_row` (target, reconstruction) pairs per row, a 2-pixel gap between."""
-    t, r = to_uint8(targets), to_uint8(recons)
-    n, h, w, c = t.shape
-    rows = -(-n // pairs_per_row)
-    gap = 2
-    grid = np.full((rows * (h + gap) + gap, pairs_per_row * (2 * w + gap) + gap, c), 255,
-                   np.uint8)
-    for i in range(n):
-        y = gap + (i // pairs_per_row) * (h + gap)
-        x = gap + (i % pairs_per_row) * (2 * w + gap)
-        grid[y:y + h, x:x + w] = t[i]
-        grid[y:y + h, x + w:x + 2 * w] = r[i]
-    with atomic.replacing(path) as tmp:
-        _pil(grid, scale).save(tmp, format="PNG")
+    """PNG of `pairs_per_row` (target, reconstruction) pairs per row, a 2-pixel gap between
+    pairs: a sample grid of the pairs joined side by side (N, H, 2W, C)."""
+    sample_grid(np.concatenate([targets, recons], axis=2), path, pairs_per_row, scale)
 
 
 def sample_grid(samples: np.ndarray, path: str, per_row: int, scale: int = 2) -> None:
