@@ -220,7 +220,14 @@ class Reconstruction:
                 f"codes used {metrics['codes_used']:.1%}")
 
     def write_artifacts(self, twin: Twin, test: np.ndarray, out: str) -> None:
-        write_artifacts(twin, test, out)
+        grid, gif, curves = (os.path.join(out, name) for name in self.pictures)
+        targets = data.to_float(test[:GRID_PAIRS])
+        recons, _, _ = twin.evaluate(targets)
+        images.reconstruction_grid(targets, recons, grid)
+        z = twin.encode(targets[:2])
+        frames = twin.decode(images.interpolation_latents(z[0], z[1], INTERPOLATION_FRAMES))
+        images.interpolation_gif(frames, gif)
+        images.loss_curves(os.path.join(out, "metrics.jsonl"), curves)
 
 
 def warn_of_repeated_centres(num_images: int, dataset: cfg.Dataset, num_codes: int) -> None:
@@ -232,17 +239,6 @@ def warn_of_repeated_centres(num_images: int, dataset: cfg.Dataset, num_codes: i
               f"for {num_codes} codes, so k-means repeats centres: --kmeans-images "
               f"{-(-num_codes // per_image)} or more gives each code one of its own",
               file=sys.stderr)
-
-
-def write_artifacts(twin: Twin, test_images: np.ndarray, out: str) -> None:
-    grid, gif, curves = (os.path.join(out, name) for name in cfg.PICTURES["vqvae"])
-    targets = data.to_float(test_images[:GRID_PAIRS])
-    recons, _, _ = twin.evaluate(targets)
-    images.reconstruction_grid(targets, recons, grid)
-    z = twin.encode(targets[:2])
-    frames = twin.decode(images.interpolation_latents(z[0], z[1], INTERPOLATION_FRAMES))
-    images.interpolation_gif(frames, gif)
-    images.loss_curves(os.path.join(out, "metrics.jsonl"), curves)
 
 
 def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
