@@ -25,9 +25,9 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import time
 
+import timing  # bench/timing.py, beside this script
 from vqvae_common import loop
 from vqvae_common.atomic import write_atomic
 from vqvae_common.config import DATASETS, ModelConfig, TrainConfig
@@ -130,7 +130,7 @@ def main() -> None:
         write_atomic(results_path, json.dumps({
             "study": args.study, "framework": args.framework, "dataset": args.dataset,
             "epochs": args.epochs,
-            "seed": args.seed, "machine": platform.processor() or platform.machine(),
+            "seed": args.seed, "machine": timing.machine(),
             "runs": results}, indent=2))
     text = table(results, args.epochs)
     write_atomic(os.path.join(args.out, "results.md"), text + "\n")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 from vqvae_common import host_memory
@@ -34,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its O
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import timing  # noqa: E402  # bench/timing.py, beside this script
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -86,21 +85,6 @@ def flax_layer(module: nnx.Module, x: np.ndarray, cotangent: np.ndarray, first: 
     return lambda: jax.block_until_ready(step(state, x, ct))
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, calls: int
-                ) -> dict[str, float]:
-    """Median ms per call of each, over `repeats` windows of `calls` calls, interleaved."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # compile, allocate
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
@@ -126,16 +110,18 @@ def main() -> None:
         with torch.no_grad():
             out_shape = torch_module(torch.from_numpy(x).permute(0, 3, 1, 2)).shape
         ct = rng.standard_normal((out_shape[0], *out_shape[2:], out_shape[1])).astype(np.float32)
-        median = interleaved({
+        median = {name: seconds * 1e3 for name, seconds in timing.interleaved({
             "torch": torch_layer(torch_module, x, ct, first),
-            "flax": flax_layer(submodule(flax_model, path), x, ct, first)}, args.repeats, 5)
+            "flax": flax_layer(submodule(flax_model, path), x, ct, first)}, args.repeats, 5
+        ).items()}
         for name in total:
             total[name] += copies * median[name]
         print(f"{path:22s} {copies:6d} {median['torch']:8.2f} {median['flax']:8.2f} "
               f"{median['flax'] / median['torch']:10.2f}")
     batch = rng.uniform(-1, 1, (args.batch, *spec.image_shape)).astype(np.float32)
-    step = interleaved({name: lambda twin=twin: twin.fetch(twin.train_step(batch))
-                        for name, twin in twins.items()}, args.repeats, 3)
+    step = {name: seconds * 1e3 for name, seconds in timing.interleaved(
+        {name: lambda twin=twin: twin.fetch(twin.train_step(batch))
+         for name, twin in twins.items()}, args.repeats, 3).items()}
     rest = {name: step[name] - total[name] for name in total}
     for label, row in (("layers x copies", total), ("the rest", rest), ("whole step", step)):
         print(f"{label:22s} {'':6s} {row['torch']:8.2f} {row['flax']:8.2f} "

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
+import timing  # bench/timing.py, beside this script
 import torch
 from flax import nnx
 
@@ -34,14 +33,9 @@ CONFIG = common.PriorConfig(vqvae="unused", channels=32, layers=8, conditional=T
                             dataset="mnist", num_codes=512)
 
 
-def timed(call, repeats: int) -> tuple[float, float]:
+def timed(call: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(first call's seconds, median of `repeats` later calls)."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+    return timing.seconds(call), timing.median_seconds(call, repeats)
 
 
 def main() -> None:
@@ -73,7 +67,7 @@ def main() -> None:
         args.repeats)
 
     results = {
-        "device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "device": timing.machine(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "num": args.num,
         "config": {"code_shape": CONFIG.code_shape, "num_codes": CONFIG.num_codes,
                    "channels": CONFIG.channels, "layers": CONFIG.layers},

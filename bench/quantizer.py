@@ -22,10 +22,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
+import timing  # bench/timing.py, beside this script
 
 DIM = 256
 SWEEP_K = [(16_384, k) for k in (512, 2_048, 8_192, 32_768, 65_536)]
@@ -72,14 +71,14 @@ def _torch_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        first = _median_seconds(call, 1)
+        first = timing.seconds(call)
         peak = torch.cuda.max_memory_allocated() - base
     else:
         _reset_peak_rss()
         base = _status_bytes("VmRSS")
-        first = _median_seconds(call, 1)
+        first = timing.seconds(call)
         peak = _status_bytes("VmHWM") - base
-    return {"seconds": _median_seconds(call, repeats) if repeats else first,
+    return {"seconds": timing.median_seconds(call, repeats) if repeats else first,
             "peak_bytes": float(peak)}
 
 
@@ -95,18 +94,9 @@ def _flax_case(n: int, k: int, device: str, repeats: int) -> dict[str, float]:
     compiled = jax.jit(nearest_codes).lower(flat, codebook).compile()
     peak = compiled.memory_analysis().temp_size_in_bytes
     call = lambda: compiled(flat, codebook).block_until_ready()  # noqa: E731
-    first = _median_seconds(call, 1)
-    return {"seconds": _median_seconds(call, repeats) if repeats else first,
+    first = timing.seconds(call)
+    return {"seconds": timing.median_seconds(call, repeats) if repeats else first,
             "peak_bytes": float(peak)}
-
-
-def _median_seconds(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def measure_case(twin: str, n: int, k: int, device: str, repeats: int) -> dict[str, float]:

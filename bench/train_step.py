@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -51,6 +50,7 @@ import core_distance  # bench/core_distance.py, beside this script
 import jax
 import numpy as np
 import quantizer  # bench/quantizer.py, beside this script
+import timing  # bench/timing.py, beside this script
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -210,7 +210,7 @@ def main() -> None:
         times, usage, round_trips = measure(steps, args.windows, args.steps, probe)
 
     per_step = {k: float(np.median(v)) / args.steps for k, v in times.items()}
-    results = {"machine": f"{platform.processor() or platform.machine()}, "
+    results = {"machine": f"{timing.machine()}, "
                           f"{torch.get_num_threads()} torch threads, jax {jax.devices()[0]}",
                "dataset": args.dataset, "batch_size": args.batch_size, "variants": {}}
     print(f"{args.dataset}, batch {args.batch_size}, device {args.device} "

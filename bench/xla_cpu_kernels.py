@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import timing  # bench/timing.py, beside this script
 from flax import nnx
 
 from vqvae_common.config import DATASETS
@@ -95,27 +95,6 @@ def step_case(dataset: str, batch: int) -> tuple[Callable, Callable]:
     return runs[0], runs[1]
 
 
-def interleaved(plain: Callable, fast: Callable, repeats: int) -> tuple[float, float]:
-    """Median seconds of plain() and fast(), timed alternately after one warm-up call each."""
-    plain()
-    fast()
-    times: dict[Callable, list[float]] = {plain: [], fast: []}
-    for _ in range(repeats):
-        for run in (plain, fast):
-            start = time.perf_counter()
-            run()
-            times[run].append(time.perf_counter() - start)
-    return float(np.median(times[plain])), float(np.median(times[fast]))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
@@ -127,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = args.cases.split(",") if args.cases else None
     device = jax.devices(args.device)[0]
-    print(f"{device.device_kind} ({cpu_name()}), jax {jax.__version__}, {args.dataset}, batch "
+    print(f"{device.device_kind} ({timing.machine()}), jax {jax.__version__}, {args.dataset}, batch "
           f"{args.batch}: median ms of forward + gradient, {args.repeats} interleaved repeats")
     print(f"  {'case':15} {'layer':16} {'shape':26} {'plain':>9} {'fast':>9} {'plain/fast':>10}")
     rng = np.random.default_rng(0)
@@ -146,14 +125,15 @@ def main() -> None:
             for g_plain, g_fast in zip(steps[0](*inputs)[0], steps[1](*inputs)[0]):
                 np.testing.assert_allclose(g_fast, g_plain, rtol=1e-3,
                                            atol=1e-4 * float(jnp.abs(g_plain).max()))
-            plain_s, fast_s = interleaved(
-                lambda: jax.block_until_ready(steps[0](*inputs)),
-                lambda: jax.block_until_ready(steps[1](*inputs)), args.repeats)
+            plain_s, fast_s = timing.interleaved({
+                "plain": lambda: jax.block_until_ready(steps[0](*inputs)),
+                "fast": lambda: jax.block_until_ready(steps[1](*inputs))}, args.repeats).values()
             shape = f"{'x'.join(map(str, shapes[0]))}->{out.shape[-1]}"
             print(f"  {case:15} {layer:16} {shape:26} {plain_s * 1e3:9.2f} {fast_s * 1e3:9.2f}"
                   f" {plain_s / fast_s:9.2f}x", flush=True)
         if not cases or "train_step" in cases:
-            plain_s, fast_s = interleaved(*step_case(args.dataset, args.batch), args.repeats)
+            plain_s, fast_s = timing.interleaved(dict(zip(
+                ("plain", "fast"), step_case(args.dataset, args.batch))), args.repeats).values()
             print(f"  {'train_step':15} {'whole model':16} {'':26} {plain_s * 1e3:9.2f} "
                   f"{fast_s * 1e3:9.2f} {plain_s / fast_s:9.2f}x")
 
