@@ -78,6 +78,10 @@ def run(argv: Sequence[str] | None) -> None:
         raise UserError(f"--out {args.out}: a Flax checkpoint is a directory: give it a name "
                         f"without .pt")
     cli.check_output_file(args.out, "--out", new=True)
+    from vqvae_jax.checkpoint import checkpoint_around  # both directions import jax anyway
+    if (inside := checkpoint_around(args.out)) is not None:
+        raise UserError(f"cannot write --out {args.out}: it lies inside the Flax checkpoint "
+                        f"{inside}, whose folders are its steps: choose a path outside it")
     if args.from_torch:
         torch_to_flax(args.from_torch, args.out)
     else:

@@ -100,7 +100,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     print(f"{dataset} test ({len(test_images)} images): " +
           ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
     if args.json:
-        atomic.write_atomic(args.json, json.dumps(result, indent=2))
+        try:  # checked before the evaluation; a disk that fills up since is still possible
+            atomic.write_atomic(args.json, json.dumps(result, indent=2))
+        except OSError as e:
+            raise UserError(f"cannot write --json {args.json}: {e.strerror or e} (the "
+                            f"results are printed above)") from e
     return result
 
 

@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> None:
     else:
         raise UserError(f"no prior checkpoint at {args.prior}")
     twin = Twin.from_checkpoint(args.prior, args.device, args.vqvae)
-    prior.write_samples(twin, args.num, args.seed, args.out)
+    try:  # --out was checked first; a disk that fills up since is still possible
+        prior.write_samples(twin, args.num, args.seed, args.out)
+    except OSError as e:
+        raise UserError(f"cannot write --out {args.out}: {e.strerror or e}") from e
     print(f"wrote {args.num} samples to {args.out}")
 
 

@@ -369,6 +369,32 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     cli.check_output_file(str(tmp_path / "a" / "b" / "new.pt"), "--out", new=True)  # made
     with pytest.raises(UserError, match="file is not a directory"):
         cli.check_output_file(str(tmp_path / "file" / "b" / "new.pt"), "--out", new=True)
+    with pytest.raises(UserError, match="--out is empty"):
+        cli.check_output_file("", "--out", kind="PNG")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")
+def test_a_folder_where_no_file_can_be_made_is_refused_before_any_work():
+    """/proc passes the permission check (for root too), yet takes no new file: the check
+    makes one. evaluate.py used to evaluate the whole split first, then fail in a traceback."""
+    for new in (False, True):
+        with pytest.raises(UserError, match="cannot write --json /proc/e.json: no file can be "
+                                            "made in /proc"):
+            cli.check_output_file("/proc/e.json", "--json", new=new)
+
+
+def test_an_output_inside_a_runs_folders_is_refused(tmp_path):
+    """A run's checkpoint/ and tensorboard/ are its own: a converted checkpoint written into
+    a Flax run's checkpoint/ hid the run's steps from --resume."""
+    (tmp_path / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    (tmp_path / "checkpoint").mkdir()
+    for path, new in [(tmp_path / "checkpoint" / "99", True),
+                      (tmp_path / "tensorboard" / "x" / "99", True),
+                      (tmp_path / "checkpoint" / "s.png", False)]:
+        with pytest.raises(UserError, match=re.escape(f"it lies inside the run in {tmp_path}")):
+            cli.check_output_file(str(path), "--out", new=new)
+    cli.check_output_file(str(tmp_path / "as_flax"), "--out", new=True)  # beside its files
+    cli.check_output_file(str(tmp_path / "samples.png"), "--out", kind="PNG")
 
 
 @pytest.mark.parametrize("checkpoint, theirs, not_theirs", [

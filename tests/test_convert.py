@@ -202,6 +202,18 @@ def test_an_existing_out_is_never_written_over_and_a_new_one_gets_its_folders(
         assert convert.main(argv) == 0, capsys.readouterr().err
 
 
+def test_an_out_inside_a_flax_checkpoint_is_refused(converted, capsys):
+    """A folder made in a Flax checkpoint passes for its newest step, hiding the complete
+    ones from --resume and evaluate.py (a converted checkpoint at RUN/checkpoint/99 did)."""
+    _, ckpt, flax_dir = converted
+    before = sorted(os.listdir(flax_dir))
+    for out in (flax_dir / "99", flax_dir / "sub" / "99"):
+        assert convert.main(["--from-torch", str(ckpt), "--out", str(out)]) == 2
+        assert f"it lies inside the Flax checkpoint {flax_dir}" in capsys.readouterr().err
+    assert sorted(os.listdir(flax_dir)) == before
+    assert jax_checkpoint.has_checkpoint(str(flax_dir))
+
+
 @pytest.mark.parametrize("source, out, says", [
     ("--from-jax", "x/", "a PyTorch checkpoint is a file"),
     ("--from-torch", "x.pt", "a Flax checkpoint is a directory")])

@@ -446,14 +446,23 @@ def test_a_resume_with_another_data_order_is_refused(fake_data, tmp_path, flag, 
         loop.fit(FakeTwin, cfg.ModelConfig(), changed)
 
 
-def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+def test_an_out_that_cannot_be_made_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """The folder is made once the data and any k-means or code extraction are done (bad
+    input leaves nothing behind), so whether it can be made is asked first."""
     def unread(*args, **kwargs):
         raise AssertionError("the data was read")
 
     monkeypatch.setattr(loop.data, "load", unread)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="is a file, not a directory"):
-        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "file")))
+    cases = [(tmp_path / "file", "is a file, not a directory"),
+             (tmp_path / "file" / "run", "file is not a directory"),
+             ("", "--out is empty")]
+    if os.path.isdir("/proc/self"):  # takes no new file, whatever its permission bits say
+        cases.append(("/proc/run", "no file can be made in /proc"))
+    for out, says in cases:
+        with pytest.raises(UserError, match=says):
+            loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(out)))
+    assert os.listdir(tmp_path) == ["file"]
 
 
 def test_an_out_inside_another_run_is_refused_and_changes_nothing(fake_data, tmp_path):

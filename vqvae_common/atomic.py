@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 
 SUFFIX = ".vqvae-tmp"
@@ -39,6 +40,25 @@ def remove_leftovers(directory: str) -> None:
     for entry in os.scandir(directory):
         if entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
             os.remove(entry.path)
+
+
+def nearest_existing(path: str) -> str:
+    """`path`, or the nearest folder above it that exists: where a writer of `path` starts
+    making folders."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def cannot_create_in(directory: str) -> str | None:
+    """Why no file can be made in the existing `directory`, found by making (and removing)
+    one: permission bits do not tell for root, nor for file systems such as /proc."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".", suffix=SUFFIX):
+            return None
+    except OSError as e:
+        return f"no file can be made in {directory} ({e.strerror or e})"
 
 
 def _sync_directory(directory: str) -> None:

@@ -20,8 +20,8 @@ import threading
 import typing
 from typing import Any, Callable, NoReturn, Sequence
 
+from vqvae_common import atomic, host_memory, prior
 from vqvae_common import config as cfg
-from vqvae_common import host_memory, prior
 from vqvae_common.checkpoint_record import run_files
 from vqvae_common.errors import UserError, one_line
 from vqvae_common.stop_signals import Stopped, exit_at_once
@@ -267,19 +267,26 @@ OUTPUT_SIGNATURES = {"JSON": b"{", "PNG": b"\x89PNG\r\n\x1a\n"}
 
 def check_output_file(path: str, flag: str, new: bool = False, kind: str | None = None
                       ) -> None:
-    """A UserError, before any work is done, where `path` cannot be written: its directory
-    missing or not writable, or `path` a directory, a record or picture of the run in its
-    folder, or an existing file that is not of the `kind` written there
+    """A UserError, before any work is done, where `path` cannot be written: empty, its
+    directory missing or one where no file can be made, or `path` a directory, inside a
+    run's folders (checkpoint/, tensorboard/: the run's own), a record or picture of the run
+    in its folder, or an existing file that is not of the `kind` written there
     (OUTPUT_SIGNATURES). A `new` path must not exist, and only its nearest existing ancestor
     must be a writable directory (the writer makes the rest)."""
+    if not path:
+        raise UserError(f"{flag} is empty: name the file to write")
     directory = os.path.dirname(os.path.abspath(path))
-    while new and not os.path.lexists(directory):
-        directory = os.path.dirname(directory)
+    if new:
+        directory = atomic.nearest_existing(directory)
+    around = cfg.run_around(path)
     reason = None
     if not os.path.isdir(directory):
         reason = f"{directory} is not a directory"
-    elif not os.access(directory, os.W_OK | os.X_OK):
-        reason = f"{directory} is not writable"
+    elif (cannot := atomic.cannot_create_in(directory)) is not None:
+        reason = cannot
+    elif around is not None and around != os.path.realpath(os.path.dirname(path) or "."):
+        reason = (f"it lies inside the run in {around}, whose folders are its own: write "
+                  f"beside the run's files or outside the run")
     elif os.path.lexists(path) and new:
         reason = "it exists, and is never written over: remove it or choose another"
     elif os.path.isdir(path):

@@ -249,6 +249,17 @@ def is_run(folder: str) -> bool:
     return isinstance(recorded.get("model"), dict) and isinstance(recorded.get("train"), dict)
 
 
+def run_around(path: str) -> str | None:
+    """The run directory that `path` lies inside, if any: the nearest folder above it whose
+    config.json records a run (real paths)."""
+    folder = os.path.realpath(path)
+    while (parent := os.path.dirname(folder)) != folder:
+        folder = parent
+        if is_run(folder):
+            return folder
+    return None
+
+
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:
     raw: dict[str, Any] = json.loads(text)
     return model_config(raw["model"]), TrainConfig(**raw["train"])

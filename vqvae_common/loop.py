@@ -463,17 +463,6 @@ class _Run:
         return record
 
 
-def _run_around(out: str) -> str | None:
-    """The run directory that `out` lies inside, if any: the nearest folder above it whose
-    config.json records a run."""
-    folder = os.path.realpath(out)
-    while (parent := os.path.dirname(folder)) != folder:
-        folder = parent
-        if cfg.is_run(folder):
-            return folder
-    return None
-
-
 def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
                out: str, pictures: tuple[str, ...]) -> None:
     """--resume needs a complete checkpoint of this twin's kind, and the flags that fix the
@@ -485,9 +474,18 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
+    if not out:
+        raise UserError("--out is empty: name the run's folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    if (around := _run_around(out)) is not None:
+    if not os.path.exists(out):  # made only once the data has loaded: it must be makeable
+        start = atomic.nearest_existing(out)
+        if not os.path.isdir(start):
+            raise UserError(f"cannot create output directory {out}: {start} is not a "
+                            f"directory")
+        if (cannot := atomic.cannot_create_in(start)) is not None:
+            raise UserError(f"cannot create output directory {out}: {cannot}")
+    if (around := cfg.run_around(out)) is not None:
         if os.path.join(around, make_twin.checkpoint_name) == os.path.realpath(out):
             raise UserError(f"--out {out} is the checkpoint of the run in {around}: to go on "
                             f"with that run, pass --out {around} with --resume")

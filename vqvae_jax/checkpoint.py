@@ -58,6 +58,20 @@ def has_checkpoint(path: str) -> bool:
     return step is not None and os.path.isdir(os.path.join(path, str(step), "meta"))
 
 
+def checkpoint_around(path: str) -> str | None:
+    """The checkpoint directory that `path` lies inside, if any: the nearest folder above it
+    holding a step folder with this project's record. A folder made in there would pass for
+    its newest step, and hide the complete ones."""
+    folder = os.path.realpath(path)
+    while (parent := os.path.dirname(folder)) != folder:
+        folder = parent
+        with contextlib.suppress(OSError):
+            if any(name.isdigit() and os.path.isdir(os.path.join(folder, name, "meta"))
+                   for name in os.listdir(folder)):
+                return folder
+    return None
+
+
 def remove_partial_writes(path: str) -> None:
     """Delete what saves interrupted by a kill left in `path`: temporary step folders, and
     the steps beyond the newest KEEP that a save was deleting (perhaps half deleted)."""
