@@ -29,7 +29,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: the one the prior was trained on, as its checkpoint "
                         "records it)")
     p.add_argument("--num", type=int, default=100, action=cli.InBounds, bounds=(1, 10_000),
-                   help="images to sample (default: 100)")
+                   help="images to sample; for a class-conditional prior a multiple of its "
+                        "classes, one row per class (default: 100)")
     cli.add_flag(p, config.TrainConfig, "seed",
                  help_text="seed of the Gumbel noise that draws each code")
     cli.add_flag(p, config.TrainConfig, "device")

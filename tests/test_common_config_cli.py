@@ -279,7 +279,8 @@ def test_init_from_takes_the_model_flags_its_checkpoint_records():
     (["--beta", "0.25"], "--beta 0.25: --init-from m.pt holds a model with beta 1.0, which a "
                          "run from it keeps (leave --beta out)"),
     (["--dataset", "cifar10"], "--init-from m.pt holds a model of 1-channel images, and "
-                               "--dataset cifar10's have 3"),
+                               "--dataset cifar10's have 3: start it on the dataset it was "
+                               "trained on (--dataset mnist)"),
 ])
 def test_init_from_refuses_another_model_before_any_data(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):

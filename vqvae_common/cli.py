@@ -167,9 +167,12 @@ def init_model(path: str, held: cfg.ModelConfig, dataset: cfg.Dataset,
     shape and loss, checked here, before any data is read)."""
     channels = dataset.image_shape[2]
     if held.in_channels != channels:
+        fits = [name for name, d in cfg.DATASETS.items()
+                if d.image_shape[2] == held.in_channels]
         raise UserError(f"--init-from {path} holds a model of {held.in_channels}-channel "
                         f"images, and --dataset {dataset.name}'s have {channels}: start it "
-                        f"on the dataset it was trained on")
+                        f"on the dataset it was trained on"
+                        + (f" (--dataset {' or '.join(fits)})" if fits else ""))
     for name, value in model_flags.items():
         if value != getattr(held, name):
             raise UserError(f"{cfg.option(name)} {value}: --init-from {path} holds a model "

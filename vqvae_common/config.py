@@ -169,7 +169,8 @@ class TrainConfig:
            "accelerators, where dispatching a step may cost as much as computing it; on a "
            "CPU unrolled: no faster than single steps, and its compile time grows with the "
            "count), PyTorch one after another", (1, 1000))
-    log_every: int = flag(50, "steps between logged metrics, the only host syncs",
+    log_every: int = flag(50, "steps between logged metrics, the only host syncs (each "
+                              "checkpoint's step is logged too: its NaN guard)",
                           (1, 10**9))
     checkpoint_every: int = flag(500, "steps between checkpoints; one is also written at "
                                       "each epoch's end", (1, 10**9))
@@ -181,7 +182,8 @@ class TrainConfig:
                                     "outputs --codebook-init kmeans clusters; at most 10000: "
                                     "the encoder takes them as one batch (Flax, CIFAR-10: "
                                     "about 1.3 GB of memory a thousand)", (1, 10_000))
-    kmeans_iterations: int = flag(10, "Lloyd iterations of --codebook-init kmeans",
+    kmeans_iterations: int = flag(10, "Lloyd iterations of --codebook-init kmeans (0: the "
+                                      "k-means++ seeding alone)",
                                   (0, 10_000))
 
 
