@@ -507,6 +507,8 @@ def test_a_full_disk_on_checkpoint_write_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(UserError, match="No space left on device.*previous checkpoint is kept"):
         checkpoint.save(path, {"framework": "torch", "step": 2})
+    with pytest.raises(UserError, match="No space left on device$"):  # none to keep
+        checkpoint.save(str(tmp_path / "first.pt"), {"framework": "torch", "step": 1})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert not os.path.exists(path + atomic.SUFFIX)

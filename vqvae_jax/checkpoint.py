@@ -44,8 +44,8 @@ def save(path: str, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
             manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; "
-                        f"the previous checkpoint is kept") from e
+        kept = "; the previous checkpoint is kept" if has_checkpoint(path) else ""
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from e
 
 
 def has_checkpoint(path: str) -> bool:

@@ -35,8 +35,8 @@ def save(path: str, payload: dict[str, Any]) -> None:
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
             torch.save(payload, f)  # a file, not a path: errors are then OSErrors
     except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; "
-                        f"the previous checkpoint is kept") from e
+        kept = "; the previous checkpoint is kept" if os.path.isfile(path) else ""
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from e
 
 
 def has_checkpoint(path: str) -> bool:
