@@ -85,7 +85,8 @@ def loss_curves(metrics_path: str, path: str) -> None:
         losses.plot([r["step"] for r in train], [r[term] for r in train], label=label,
                     marker=marker)
     losses.set(yscale="log", xlabel="step", title="train loss terms")
-    losses.legend()
+    # below the axes: inside, it covered the curves, which fill the whole plot
+    losses.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)
     quality.plot([r["step"] for r in test], [r["psnr"] for r in test], "o-")
     quality.set(xlabel="step", ylabel="dB", title="test PSNR")
     fig.tight_layout()
