@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Convert a checkpoint of one twin into the other's format, losslessly: the model weights,
-BatchNorm statistics and code usage (not the optimizer state).
+BatchNorm statistics and code usage (not the optimizer state), of a VQ-VAE or of a PixelCNN
+prior (told apart by the checkpoint's record).
 
     python convert.py --from-torch runs/t/checkpoint.pt --out runs/t_as_flax
     python convert.py --from-jax runs/j/checkpoint --out runs/j_as_torch.pt
@@ -13,54 +14,82 @@ resumed.
 """
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from vqvae_common import cli, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.errors import UserError
 
 
-def torch_to_flax(source: str, out: str) -> None:
+def held_kind(read_record: Callable[..., object], source: str) -> str:
+    """"prior" where `source` is a PixelCNN prior's checkpoint, else "vqvae" (whose reading
+    then reports whatever is wrong with it)."""
+    try:
+        read_record(source, kind="prior")
+    except UserError:
+        return "vqvae"
+    return "prior"
+
+
+def models(kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(the PyTorch model's class, the Flax twin's create) of a `kind` checkpoint."""
+    if kind == "prior":
+        from vqvae_jax.prior_train import create
+        from vqvae_torch.prior import PixelCNN
+        return PixelCNN, create
+    from vqvae_jax.train import create
+    from vqvae_torch.model import VQVAE
+    return VQVAE, create
+
+
+def torch_to_flax(source: str, out: str) -> str:
+    """Writes `out`; returns the kind of model converted."""
     import torch  # after parsing, as in the trainers: --help and a bad flag need neither twin
     from flax import nnx
 
     from vqvae_jax import checkpoint as jax_checkpoint
-    from vqvae_jax import train as jax_train
     from vqvae_torch import checkpoint as torch_checkpoint
-    from vqvae_torch import model as torch_model
 
-    record, payload = torch_checkpoint.load(source, torch.device("cpu"))
-    model = torch_model.VQVAE(record.model_config)
+    kind = held_kind(torch_checkpoint.read_record, source)
+    torch_model, flax_create = models(kind)
+    record, payload = torch_checkpoint.load(source, torch.device("cpu"), kind=kind)
+    model = torch_model(record.model_config)
     torch_checkpoint.import_arrays(model, {k: v.numpy() for k, v in payload["model"].items()})
     # an optimizer state rides along only because a Flax checkpoint's state includes one
-    flax_model, optimizer = jax_train.create(record.model_config, lr=1e-3, seed=0)
+    flax_model, optimizer = flax_create(record.model_config, lr=1e-3, seed=0)
     jax_checkpoint.import_arrays(flax_model,
                                  layout.torch_to_flax(torch_checkpoint.export_arrays(model)))
-    converted = CheckpointRecord("jax", record.model_config, record.step, weights_only=True)
+    converted = CheckpointRecord("jax", record.model_config, record.step, kind=kind,
+                                 weights_only=True)
     jax_checkpoint.save(out, record.step, nnx.state((flax_model, optimizer)),
                         converted.to_dict())
+    return kind
 
 
-def flax_to_torch(source: str, out: str) -> None:
+def flax_to_torch(source: str, out: str) -> str:
+    """Writes `out`; returns the kind of model converted."""
     from flax import nnx
 
     from vqvae_jax import checkpoint as jax_checkpoint
-    from vqvae_jax import train as jax_train
     from vqvae_torch import checkpoint as torch_checkpoint
-    from vqvae_torch import model as torch_model
 
-    source_record = jax_checkpoint.read_record(source)
+    kind = held_kind(jax_checkpoint.read_record, source)
+    torch_model, flax_create = models(kind)
+    source_record = jax_checkpoint.read_record(source, kind=kind)
     config = source_record.model_config
-    flax_model, optimizer = jax_train.create(config, lr=1e-3, seed=0,
-                                             schedule=source_record.lr_schedule)
-    record, state = jax_checkpoint.load(source, config, nnx.state((flax_model, optimizer)))
+    flax_model, optimizer = flax_create(config, lr=1e-3, seed=0,
+                                        schedule=source_record.lr_schedule)
+    record, state = jax_checkpoint.load(source, config, nnx.state((flax_model, optimizer)),
+                                        kind=kind)
     nnx.update((flax_model, optimizer), state)
-    model = torch_model.VQVAE(config)
+    model = torch_model(config)
     torch_checkpoint.import_arrays(model,
                                    layout.flax_to_torch(jax_checkpoint.export_arrays(flax_model)))
-    converted = CheckpointRecord("torch", config, record.step, weights_only=True)
+    converted = CheckpointRecord("torch", config, record.step, kind=kind, weights_only=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as orbax does
     torch_checkpoint.save(out, {**converted.to_dict(), "model": model.state_dict()})
+    return kind
 
 
 def run(argv: Sequence[str] | None) -> None:
@@ -82,11 +111,12 @@ def run(argv: Sequence[str] | None) -> None:
     if (inside := checkpoint_around(args.out)) is not None:
         raise UserError(f"cannot write --out {args.out}: it lies inside the Flax checkpoint "
                         f"{inside}, whose folders are its steps: choose a path outside it")
-    if args.from_torch:
-        torch_to_flax(args.from_torch, args.out)
-    else:
-        flax_to_torch(args.from_jax, args.out)
+    converter = torch_to_flax if args.from_torch else flax_to_torch
+    kind = converter(args.from_torch or args.from_jax, args.out)
     print(f"wrote {args.out}")
+    if kind == "prior":
+        print("a prior decodes through a VQ-VAE of its own framework: pass sample.py "
+              "--vqvae, the VQ-VAE it was trained over, converted too", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

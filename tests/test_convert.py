@@ -14,11 +14,15 @@ from flax import nnx
 
 from vqvae_common import layout
 from vqvae_common.config import DATASETS, ModelConfig, TrainConfig
+from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.errors import UserError
+from vqvae_common.prior import PriorConfig
 from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax.model import VQVAE
+from vqvae_jax import prior_train as jax_prior_train
 from vqvae_jax.train import JaxTwin
 from vqvae_torch import checkpoint as torch_checkpoint
+from vqvae_torch import prior as torch_prior
 from vqvae_torch.train import TorchTwin, to_numpy, to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +225,37 @@ def test_an_out_of_the_other_format_is_refused(tmp_path, capsys, source, out, sa
     assert convert.main([source, str(tmp_path), "--out", os.path.join(tmp_path, out)]) == 2
     assert says in capsys.readouterr().err
     assert not os.path.lexists(tmp_path / "x") and not os.path.lexists(tmp_path / "x.pt")
+
+
+def test_a_prior_converts_both_ways_bit_identically(tmp_path, capsys):
+    """A PixelCNN prior (told apart by its record) torch -> flax -> torch: the same tensors,
+    a weights-only prior record on each side, and the same logits in the Flax twin."""
+    config = PriorConfig(vqvae="/v.pt", channels=8, layers=3, kernel_size=3, dataset="mnist",
+                         num_codes=16, conditional=True, vqvae_weights="ab" * 8)
+    torch.manual_seed(0)
+    model = torch_prior.PixelCNN(config)
+    record = CheckpointRecord("torch", config, 7, kind="prior")
+    source, flax_dir, back = tmp_path / "prior.pt", tmp_path / "flax", tmp_path / "back.pt"
+    torch_checkpoint.save(str(source), {**record.to_dict(), "model": model.state_dict()})
+    assert convert.main(["--from-torch", str(source), "--out", str(flax_dir)]) == 0
+    assert "pass sample.py --vqvae" in capsys.readouterr().err
+    converted = jax_checkpoint.read_record(str(flax_dir), kind="prior")
+    assert (converted.model_config, converted.step, converted.weights_only) == (config, 7, True)
+    assert convert.main(["--from-jax", str(flax_dir), "--out", str(back)]) == 0
+    back_record, payload = torch_checkpoint.load(str(back), torch.device("cpu"), kind="prior")
+    assert (back_record.model_config, back_record.weights_only) == (config, True)
+    _assert_bit_identical(_state_dict(model), {k: v.numpy() for k, v in payload["model"].items()})
+
+    flax_model, optimizer = jax_prior_train.create(config, lr=1e-3, seed=1)
+    _, state = jax_checkpoint.load(str(flax_dir), config, nnx.state((flax_model, optimizer)),
+                                   kind="prior")
+    nnx.update((flax_model, optimizer), state)
+    codes = np.random.default_rng(0).integers(0, 16, (2, 7, 7))
+    labels = np.array([3, 8])
+    with torch.no_grad():  # (B, K, h, w) -> (B, h, w, K), the Flax twin's
+        want = model(torch.from_numpy(codes), torch.from_numpy(labels)).permute(0, 2, 3, 1)
+    got = np.asarray(flax_model(codes.astype(np.int32), labels.astype(np.int32)))
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def _bad_inputs(tmp_path):
