@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     test_images = data.load(dataset, "test", args.data_dir)
     twin.evaluate(data.to_float(test_images[:batch_size]))  # compile outside the timing
     start = time.perf_counter()
-    result = loop.evaluate(twin, test_images, batch_size, model_cfg.num_codes)
+    result = loop.evaluate(twin, test_images, batch_size, model_cfg.num_codes, "evaluate")
     result["images_per_s"] = len(test_images) / (time.perf_counter() - start)
     result = {key: result[key] for key in KEYS}
     print(f"{dataset} test ({len(test_images)} images): " +

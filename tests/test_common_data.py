@@ -85,6 +85,36 @@ def test_eval_batches_cover_every_image_in_order(mnist):
     np.testing.assert_array_equal(np.concatenate(out), data.to_float(mnist))
 
 
+class BarRecorder:  # tqdm, recorded
+    bars: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.updates = kwargs, []
+        BarRecorder.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    def update(self, n):
+        self.updates.append(n)
+
+
+@pytest.mark.parametrize("progress", ["evaluate", None])
+def test_eval_batches_count_their_images_on_a_progress_bar(monkeypatch, mnist, progress):
+    """evaluate.py's pass over a test split and a prior's code extraction take minutes on a
+    CPU: the bar counts images, and shows only where a label is given."""
+    monkeypatch.setattr(data, "tqdm", BarRecorder)
+    BarRecorder.bars = []
+    list(data.eval_batches(mnist, 16, progress))
+    [bar] = BarRecorder.bars
+    assert (bar.kwargs["total"], bar.kwargs["desc"], bar.kwargs["disable"]) == (
+        50, progress, progress is None)
+    assert bar.updates == [16, 16, 16, 2]
+
+
 def test_missing_data_offline_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "_online", lambda *args: False)
     start = time.perf_counter()

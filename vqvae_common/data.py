@@ -212,7 +212,12 @@ def first_images(images: np.ndarray, count: int, seed: int) -> np.ndarray:
     return to_float(images[epoch_order(len(images), seed, 0)[:count]])
 
 
-def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Every image once, in order; the last batch may be smaller."""
-    for start in range(0, len(images), batch_size):
-        yield to_float(images[start:start + batch_size])
+def eval_batches(images: np.ndarray, batch_size: int, progress: str | None = None
+                 ) -> Iterator[np.ndarray]:
+    """Every image once, in order; the last batch may be smaller. `progress`: the label of
+    a progress bar, shown where the pass takes over 2 s (None: no bar)."""
+    with tqdm(total=len(images), desc=progress, unit="img", delay=2, leave=False,
+              disable=progress is None) as bar:
+        for start in range(0, len(images), batch_size):
+            yield to_float(images[start:start + batch_size])
+            bar.update(min(batch_size, len(images) - start))

@@ -129,13 +129,13 @@ def prepare_out_dir(out: str) -> None:
         raise UserError(f"output directory {out} is not writable")
 
 
-def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int,
-             num_codes: int) -> dict[str, float]:
+def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int, num_codes: int,
+             progress: str | None = None) -> dict[str, float]:
     """Loss terms, MSE, PSNR (of the split's MSE, and per 8-bit image averaged), SSIM and
-    codebook usage over the whole split."""
+    codebook usage over the whole split; `progress` labels a progress bar (None: none)."""
     sums: dict[str, float] = {}
     counts = np.zeros(num_codes, np.int64)
-    for batch in data.eval_batches(test_images, batch_size):
+    for batch in data.eval_batches(test_images, batch_size, progress):
         recons, indices, losses = twin.evaluate(batch)
         losses["ssim"] = float(metrics.ssim_per_image(batch, recons).mean())
         losses["psnr_8bit"] = float(metrics.psnr_8bit_per_image(batch, recons).mean())

@@ -214,7 +214,7 @@ def extract_codes(codes_of: Callable[[np.ndarray], np.ndarray], split_images: np
     if cached is not None and len(cached) == len(split_images):
         return cached
     codes = np.concatenate([np.asarray(codes_of(batch), np.int32) for batch in
-                            data.eval_batches(split_images, batch_size)])
+                            data.eval_batches(split_images, batch_size, "codes")])
     data.write_cache(cache, codes)
     return codes
 
