@@ -22,16 +22,6 @@ from vqvae_common.checkpoint_record import CheckpointRecord
 from vqvae_common.errors import UserError
 
 
-def held_kind(read_record: Callable[..., object], source: str) -> str:
-    """"prior" where `source` is a PixelCNN prior's checkpoint, else "vqvae" (whose reading
-    then reports whatever is wrong with it)."""
-    try:
-        read_record(source, kind="prior")
-    except UserError:
-        return "vqvae"
-    return "prior"
-
-
 def models(kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(the PyTorch model's class, the Flax twin's create) of a `kind` checkpoint."""
     if kind == "prior":
@@ -51,7 +41,7 @@ def torch_to_flax(source: str, out: str) -> str:
     from vqvae_jax import checkpoint as jax_checkpoint
     from vqvae_torch import checkpoint as torch_checkpoint
 
-    kind = held_kind(torch_checkpoint.read_record, source)
+    kind = torch_checkpoint.read_record(source, kind=None).kind  # a VQ-VAE's or a prior's
     torch_model, flax_create = models(kind)
     record, payload = torch_checkpoint.load(source, torch.device("cpu"), kind=kind)
     model = torch_model(record.model_config)
@@ -74,7 +64,7 @@ def flax_to_torch(source: str, out: str) -> str:
     from vqvae_jax import checkpoint as jax_checkpoint
     from vqvae_torch import checkpoint as torch_checkpoint
 
-    kind = held_kind(jax_checkpoint.read_record, source)
+    kind = jax_checkpoint.read_record(source, kind=None).kind  # a VQ-VAE's or a prior's
     torch_model, flax_create = models(kind)
     source_record = jax_checkpoint.read_record(source, kind=kind)
     config = source_record.model_config
@@ -95,8 +85,12 @@ def flax_to_torch(source: str, out: str) -> str:
 def run(argv: Sequence[str] | None) -> None:
     parser = cli.UserErrorParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-torch", metavar="FILE", help="a train_torch.py checkpoint.pt")
-    source.add_argument("--from-jax", metavar="DIR", help="a train_jax.py checkpoint directory")
+    source.add_argument("--from-torch", metavar="FILE",
+                        help="a PyTorch checkpoint file: a VQ-VAE's (checkpoint.pt, model.pt) "
+                             "or a prior's (prior.pt)")
+    source.add_argument("--from-jax", metavar="DIR",
+                        help="a Flax checkpoint directory: a VQ-VAE's (checkpoint) or a "
+                             "prior's (prior)")
     parser.add_argument("--out", required=True,
                         help="where to write the converted checkpoint (a new path: an existing "
                              "file or directory is never written over)")

@@ -395,6 +395,7 @@ def test_an_output_inside_a_runs_folders_is_refused(tmp_path):
         with pytest.raises(UserError, match=re.escape(f"it lies inside the run in {tmp_path}")):
             cli.check_output_file(str(path), "--out", new=new)
     cli.check_output_file(str(tmp_path / "as_flax"), "--out", new=True)  # beside its files
+    cli.check_output_file(str(tmp_path / "as_flax") + os.sep, "--out", new=True)
     cli.check_output_file(str(tmp_path / "samples.png"), "--out", kind="PNG")
 
 

@@ -258,6 +258,17 @@ def test_a_prior_converts_both_ways_bit_identically(tmp_path, capsys):
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item())
 
 
+def test_a_damaged_prior_is_reported_as_a_prior(tmp_path, capsys):
+    """The record tells the kind, so a prior's own fault is what the error names (read as a
+    VQ-VAE first, it said 'holds a PixelCNN prior, not a VQ-VAE')."""
+    newer = tmp_path / "newer.pt"
+    torch.save({"framework": "torch", "kind": "prior", "step": 1, "model": {},
+                "model_config": {"channels": 8, "colour": "red"}}, newer)
+    assert convert.main(["--from-torch", str(newer), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown" in err and "prior" in err and "not a VQ-VAE" not in err, err
+
+
 def _bad_inputs(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint\n" * 20)

@@ -42,23 +42,21 @@ def remove_leftovers(directory: str) -> None:
             os.remove(entry.path)
 
 
-def nearest_existing(path: str) -> str:
-    """`path`, or the nearest folder above it that exists: where a writer of `path` starts
-    making folders."""
-    path = os.path.abspath(path)
-    while not os.path.lexists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def cannot_create_in(directory: str) -> str | None:
-    """Why no file can be made in the existing `directory`, found by making (and removing)
-    one: permission bits do not tell for root, nor for file systems such as /proc."""
+def cannot_make(path: str) -> str | None:
+    """Why `path` (a file or folder) cannot be made, with any folders missing above it: the
+    nearest existing one above is not a directory, or no file can be made in it, found by
+    making (and removing) one, as permission bits do not tell for root, nor for file
+    systems such as /proc. None where it can."""
+    start = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(start):
+        start = os.path.dirname(start)
+    if not os.path.isdir(start):
+        return f"{start} is not a directory"
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".", suffix=SUFFIX):
+        with tempfile.NamedTemporaryFile(dir=start, prefix=".", suffix=SUFFIX):
             return None
     except OSError as e:
-        return f"no file can be made in {directory} ({e.strerror or e})"
+        return f"no file can be made in {start} ({e.strerror or e})"
 
 
 def _sync_directory(directory: str) -> None:

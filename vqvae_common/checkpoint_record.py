@@ -53,10 +53,12 @@ def run_files(folder: str) -> tuple[str, ...]:
     return (*RUN_RECORDS, *PICTURES[kind])
 
 
-def refuse_run_directory(path: str, kind: str) -> None:
+def refuse_run_directory(path: str, kind: str | None) -> None:
     """A UserError naming the checkpoint inside, where `path` is a run's directory holding a
-    `kind` model's checkpoint (given where the checkpoint itself was expected)."""
-    inside = checkpoint_in(path, (kind,)) if os.path.isdir(path) else None
+    `kind` model's checkpoint (None: any kind's; given where the checkpoint itself was
+    expected)."""
+    kinds = tuple(KINDS) if kind is None else (kind,)
+    inside = checkpoint_in(path, kinds) if os.path.isdir(path) else None
     if inside is not None:
         raise UserError(f"{path} is a run's directory: pass the checkpoint in it, {inside}")
 
@@ -114,21 +116,21 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool,
-                kind: str = "vqvae") -> CheckpointRecord:
+                kind: str | None = "vqvae") -> CheckpointRecord:
     """The record of the checkpoint at `path`, refused unless it is `framework`'s and holds
-    a model of `kind`.
+    a model of `kind` (None: of either kind, whichever it records).
 
     The one weights-only rule: the record says so, or the checkpoint holds no optimizer state
     (`holds_optimizer`); files written before the record had the flag rely on the latter."""
     declared = raw.get("framework") if isinstance(raw, dict) else None
     if declared == framework and {"model_config", "step"} <= raw.keys():
         held = raw.get("kind", "vqvae")
-        if held != kind:
+        if held not in KINDS or held != (kind or held):
             raise UserError(f"{path} holds {KINDS.get(held, ('an unknown model',))[0]}, not "
-                            f"{KINDS[kind][0]}")
-        return CheckpointRecord(framework, KINDS[kind][1](raw["model_config"]),
+                            f"{KINDS[kind][0] if kind else 'a model of this project'}")
+        return CheckpointRecord(framework, KINDS[held][1](raw["model_config"]),
                                 int(raw["step"]),
-                                bool(raw.get("weights_only")) or not holds_optimizer, kind,
+                                bool(raw.get("weights_only")) or not holds_optimizer, held,
                                 raw.get("lr_schedule", "constant"))
     if declared in FRAMEWORK_NAMES and declared != framework:
         raise UserError(f"{path} is a {declared} checkpoint, not a "

@@ -278,16 +278,14 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
     must be a writable directory (the writer makes the rest)."""
     if not path:
         raise UserError(f"{flag} is empty: name the file to write")
-    directory = os.path.dirname(os.path.abspath(path))
-    if new:
-        directory = atomic.nearest_existing(directory)
+    directory = os.path.dirname(os.path.abspath(path))  # abspath: "x/" -> "x"
     around = cfg.run_around(path)
     reason = None
-    if not os.path.isdir(directory):
+    if not new and not os.path.isdir(directory):
         reason = f"{directory} is not a directory"
-    elif (cannot := atomic.cannot_create_in(directory)) is not None:
+    elif (cannot := atomic.cannot_make(path)) is not None:
         reason = cannot
-    elif around is not None and around != os.path.realpath(os.path.dirname(path) or "."):
+    elif around is not None and around != os.path.realpath(directory):
         reason = (f"it lies inside the run in {around}, whose folders are its own: write "
                   f"beside the run's files or outside the run")
     elif os.path.lexists(path) and new:

@@ -125,8 +125,8 @@ def prepare_out_dir(out: str) -> None:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror}") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {out} is not writable")
+    if (cannot := atomic.cannot_make(os.path.join(out, "config.json"))) is not None:
+        raise UserError(f"output directory {out}: {cannot}")
 
 
 def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int, num_codes: int,
@@ -470,7 +470,8 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     of another kind (the other twin, or a prior in a VQ-VAE's --out), which config.json
     names by its checkpoint (an older version's config.json does not: then the checkpoint
     that --out holds tells), nor over files of its names (config.json, metrics.jsonl,
-    `pictures`) where no run's config.json says a run wrote them."""
+    `pictures`) where no run's config.json says a run wrote them. --out must be a folder
+    that exists or can be made, outside any other run and not a checkpoint itself."""
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
@@ -478,13 +479,9 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
         raise UserError("--out is empty: name the run's folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    if not os.path.exists(out):  # made only once the data has loaded: it must be makeable
-        start = atomic.nearest_existing(out)
-        if not os.path.isdir(start):
-            raise UserError(f"cannot create output directory {out}: {start} is not a "
-                            f"directory")
-        if (cannot := atomic.cannot_create_in(start)) is not None:
-            raise UserError(f"cannot create output directory {out}: {cannot}")
+    if not os.path.exists(out) and (cannot := atomic.cannot_make(out)) is not None:
+        # made only once the data has loaded, so asked here
+        raise UserError(f"cannot create output directory {out}: {cannot}")
     if (around := cfg.run_around(out)) is not None:
         if os.path.join(around, make_twin.checkpoint_name) == os.path.realpath(out):
             raise UserError(f"--out {out} is the checkpoint of the run in {around}: to go on "

@@ -84,9 +84,9 @@ def remove_partial_writes(path: str) -> None:
                 manager.delete(step)
 
 
-def read_record(path: str, kind: str = "vqvae") -> CheckpointRecord:
+def read_record(path: str, kind: str | None = "vqvae") -> CheckpointRecord:
     """The record of the newest complete step, checked to be a Flax checkpoint's of a
-    `kind` model."""
+    `kind` model (None: of either kind)."""
     with _reading(path, kind) as (manager, step):
         return _record(manager, step, path, kind)
 
@@ -123,7 +123,7 @@ def import_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
         variable.set_value(jnp.array(arrays[key], variable.get_value().dtype))
 
 
-def _record(manager: ocp.CheckpointManager, step: int, path: str, kind: str
+def _record(manager: ocp.CheckpointManager, step: int, path: str, kind: str | None
             ) -> CheckpointRecord:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     # every Flax checkpoint holds an optimizer state (a converted one, a fresh one)
@@ -131,14 +131,13 @@ def _record(manager: ocp.CheckpointManager, step: int, path: str, kind: str
 
 
 @contextlib.contextmanager
-def _reading(path: str, kind: str):
-    """(manager, newest complete step) of a `kind` model's checkpoint; any damage becomes one
-    UserError line."""
+def _reading(path: str, kind: str | None):
+    """(manager, newest complete step) of a `kind` model's checkpoint (None: either kind's);
+    any damage becomes one UserError line."""
     checkpoint_record.refuse_run_directory(path, kind)
     if not os.path.isdir(path):
         convert = (f" (if it is a PyTorch checkpoint, convert it: python convert.py "
-                   f"--from-torch {path} --out DIR)") if kind == "vqvae" and os.path.isfile(
-            path) else ""
+                   f"--from-torch {path} --out DIR)") if os.path.isfile(path) else ""
         raise UserError(f"{path} is not a Flax checkpoint directory{convert}")
     try:
         with _manager(path) as manager:

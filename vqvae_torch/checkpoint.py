@@ -51,14 +51,14 @@ def remove_partial_writes(path: str) -> None:
 
 
 def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | None = None,
-         kind: str = "vqvae") -> tuple[CheckpointRecord, dict[str, Any]]:
+         kind: str | None = "vqvae") -> tuple[CheckpointRecord, dict[str, Any]]:
     """The checkpoint's record and payload, refused unless it is a PyTorch one of a `kind`
-    model (of `config`, if given)."""
+    model (None: of either kind; of `config`, if given)."""
     checkpoint_record.refuse_run_directory(path, kind)
     if os.path.isdir(path):
-        convert = (f" (if it is a Flax checkpoint, convert it: python convert.py --from-jax "
-                   f"{path} --out FILE.pt)") if kind == "vqvae" else ""
-        raise UserError(f"{path} is a directory, not a PyTorch checkpoint file{convert}")
+        raise UserError(f"{path} is a directory, not a PyTorch checkpoint file (if it is a "
+                        f"Flax checkpoint, convert it: python convert.py --from-jax {path} "
+                        f"--out FILE.pt)")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except OSError as e:
@@ -76,9 +76,9 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
     return record, payload
 
 
-def read_record(path: str, kind: str = "vqvae") -> CheckpointRecord:
+def read_record(path: str, kind: str | None = "vqvae") -> CheckpointRecord:
     """The record of the checkpoint at `path`, checked to be a PyTorch checkpoint's of a
-    `kind` model. The whole file is read (torch.save keeps no record apart from the
+    `kind` model (None: of either kind). The whole file is read (torch.save keeps no record apart from the
     tensors), a few MB for the presets."""
     return load(path, torch.device("cpu"), kind=kind)[0]
 
