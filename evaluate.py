@@ -79,7 +79,7 @@ def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.Mod
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    if args.json:
+    if args.json is not None:
         cli.check_output_file(args.json, "--json", kind="JSON")
     if os.path.isfile(args.checkpoint):
         from vqvae_torch.train import TorchTwin as Twin
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     result = {key: result[key] for key in KEYS}
     print(f"{dataset} test ({len(test_images)} images): " +
           ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-    if args.json:
+    if args.json is not None:
         try:  # checked before the evaluation; a disk that fills up since is still possible
             atomic.write_atomic(args.json, json.dumps(result, indent=2))
         except OSError as e:

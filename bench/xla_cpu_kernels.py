@@ -106,8 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     cases = args.cases.split(",") if args.cases else None
     device = jax.devices(args.device)[0]
-    print(f"{device.device_kind} ({timing.machine()}), jax {jax.__version__}, {args.dataset}, batch "
-          f"{args.batch}: median ms of forward + gradient, {args.repeats} interleaved repeats")
+    print(f"{device.device_kind} ({timing.machine()}), jax {jax.__version__}, {args.dataset}, "
+          f"batch {args.batch}: median ms of forward + gradient, {args.repeats} interleaved repeats")
     print(f"  {'case':15} {'layer':16} {'shape':26} {'plain':>9} {'fast':>9} {'plain/fast':>10}")
     rng = np.random.default_rng(0)
     with jax.default_device(device):

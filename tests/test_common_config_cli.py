@@ -428,6 +428,8 @@ def test_evaluate_checks_its_json_path_first(evaluate, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt"),
                           "--json", str(tmp_path / "file" / "e.json")]) == 2
     assert "cannot write --json" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt"), "--json", ""]) == 2
+    assert "--json is empty" in capsys.readouterr().err  # not silently left unwritten
 
 
 def test_evaluate_on_a_runs_directory_names_the_checkpoint_in_it(evaluate, tmp_path, capsys):

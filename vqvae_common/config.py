@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -251,15 +252,20 @@ def is_run(folder: str) -> bool:
     return isinstance(recorded.get("model"), dict) and isinstance(recorded.get("train"), dict)
 
 
-def run_around(path: str) -> str | None:
-    """The run directory that `path` lies inside, if any: the nearest folder above it whose
-    config.json records a run (real paths)."""
+def folder_around(path: str, test: Callable[[str], bool]) -> str | None:
+    """The nearest folder above `path` (real paths) that passes `test`, if any."""
     folder = os.path.realpath(path)
     while (parent := os.path.dirname(folder)) != folder:
         folder = parent
-        if is_run(folder):
+        if test(folder):
             return folder
     return None
+
+
+def run_around(path: str) -> str | None:
+    """The run directory that `path` lies inside, if any: the nearest folder above it whose
+    config.json records a run."""
+    return folder_around(path, is_run)
 
 
 def from_json(text: str) -> tuple[ModelConfig, TrainConfig]:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from vqvae_common import checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import ModelConfig
+from vqvae_common.config import ModelConfig, folder_around
 from vqvae_common.errors import UserError, clip
 from vqvae_common.prior import PriorConfig
 
@@ -62,14 +62,13 @@ def checkpoint_around(path: str) -> str | None:
     """The checkpoint directory that `path` lies inside, if any: the nearest folder above it
     holding a step folder with this project's record. A folder made in there would pass for
     its newest step, and hide the complete ones."""
-    folder = os.path.realpath(path)
-    while (parent := os.path.dirname(folder)) != folder:
-        folder = parent
+    def holds_a_step(folder: str) -> bool:
         with contextlib.suppress(OSError):
-            if any(name.isdigit() and os.path.isdir(os.path.join(folder, name, "meta"))
-                   for name in os.listdir(folder)):
-                return folder
-    return None
+            return any(name.isdigit() and os.path.isdir(os.path.join(folder, name, "meta"))
+                       for name in os.listdir(folder))
+        return False
+
+    return folder_around(path, holds_a_step)
 
 
 def remove_partial_writes(path: str) -> None:

@@ -208,7 +208,8 @@ def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
 
     def block_argmin(block: jax.Array) -> jax.Array:
         products = jnp.matmul(block, codebook.T, precision=jax.lax.Precision.HIGHEST)
-        return xla_cpu.first_argmin(codebook_sq - 2 * products + jnp.sum(block ** 2, 1, keepdims=True))
+        distances = codebook_sq - 2 * products + jnp.sum(block ** 2, 1, keepdims=True)
+        return xla_cpu.first_argmin(distances)
 
     rows = distance_block_rows(len(codebook))
     if len(flat) <= rows:

@@ -78,8 +78,8 @@ def load(path: str, device: torch.device, config: ModelConfig | PriorConfig | No
 
 def read_record(path: str, kind: str | None = "vqvae") -> CheckpointRecord:
     """The record of the checkpoint at `path`, checked to be a PyTorch checkpoint's of a
-    `kind` model (None: of either kind). The whole file is read (torch.save keeps no record apart from the
-    tensors), a few MB for the presets."""
+    `kind` model (None: of either kind). The whole file is read (torch.save keeps no record
+    apart from the tensors), a few MB for the presets."""
     return load(path, torch.device("cpu"), kind=kind)[0]
 
 
