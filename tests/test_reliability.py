@@ -385,6 +385,16 @@ def test_steps_taken_several_at_a_call_keep_every_log_and_checkpoint_step(fake_d
     assert list(np.cumsum(GroupingTwin.calls)) == [5, 7, 8, 13, 14, 16, 21, 24, 28, 32]
 
 
+@pytest.mark.parametrize("eval_images, noted", [(65, True), (64, False), (None, False)])
+def test_more_eval_images_than_the_test_split_has_is_noted(fake_data, tmp_path, capsys,
+                                                           eval_images, noted):
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, max_steps=1,
+                                eval_images=eval_images)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    note = "the test split has 64 images, all of them evaluated"
+    assert (note in capsys.readouterr().err) == noted
+
+
 def test_a_second_trainer_on_the_same_out_stops_at_once_and_changes_nothing(fake_data,
                                                                             tmp_path):
     train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1)

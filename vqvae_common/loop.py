@@ -264,6 +264,9 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
             if main:
                 print(f"devices: {run_record['num_devices']} x {run_record['device_kind']}, "
                       f"global batch {train_cfg.batch_size}", file=sys.stderr)
+                if (train_cfg.eval_images or 0) > len(test):
+                    print(f"note: --eval-images {train_cfg.eval_images}: the test split has "
+                          f"{len(test)} images, all of them evaluated", file=sys.stderr)
             step = twin.load(ckpt) if train_cfg.resume else 0
             if train_cfg.init_from is not None:
                 twin.init_weights(train_cfg.init_from)
