@@ -101,10 +101,6 @@ def run(argv: Sequence[str] | None) -> None:
         raise UserError(f"--out {args.out}: a Flax checkpoint is a directory: give it a name "
                         f"without .pt")
     cli.check_output_file(args.out, "--out", new=True)
-    from vqvae_jax.checkpoint import checkpoint_around  # both directions import jax anyway
-    if (inside := checkpoint_around(args.out)) is not None:
-        raise UserError(f"cannot write --out {args.out}: it lies inside the Flax checkpoint "
-                        f"{inside}, whose folders are its steps: choose a path outside it")
     converter = torch_to_flax if args.from_torch else flax_to_torch
     kind = converter(args.from_torch or args.from_jax, args.out)
     print(f"wrote {args.out}")

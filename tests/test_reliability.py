@@ -487,6 +487,20 @@ def test_an_out_inside_another_run_is_refused_and_changes_nothing(fake_data, tmp
             ) == before
 
 
+def test_an_out_that_is_or_lies_inside_a_flax_checkpoint_is_refused(fake_data, tmp_path):
+    """Any trainer's, PyTorch's too: a folder made in a Flax checkpoint passes for its newest
+    step and hides the complete ones; one holding steps is not a run's folder."""
+    flax = tmp_path / "converted"
+    (flax / "5" / checkpoint_record.FLAX_RECORD_ITEM).mkdir(parents=True)
+    train_cfg = cfg.TrainConfig(batch_size=4, epochs=1)
+    for out, says in [(flax, f"--out {flax} is a checkpoint, not a run's folder"),
+                      (flax / "99", f"--out {flax / '99'} is inside the Flax checkpoint {flax}"),
+                      (flax / "5" / "x", f"is inside the Flax checkpoint {flax}")]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, out=str(out)))
+    assert sorted(str(p.relative_to(flax)) for p in flax.rglob("*")) == ["5", "5/meta"]
+
+
 def test_an_older_versions_run_is_told_apart_by_its_checkpoint(fake_data, tmp_path,
                                                                 monkeypatch):
     """Its config.json names no checkpoint: the one it holds tells. A run of this kind

@@ -15,8 +15,8 @@ import dataclasses
 import os
 from typing import Any
 
-from vqvae_common.config import (PICTURES, RUN_RECORDS, ModelConfig, is_run, model_config,
-                                  read_run)
+from vqvae_common.config import (PICTURES, RUN_RECORDS, ModelConfig, folder_around, is_run,
+                                  model_config, read_run)
 from vqvae_common.errors import UserError
 from vqvae_common.prior import PriorConfig, prior_config
 
@@ -27,6 +27,10 @@ KINDS = {"vqvae": ("a VQ-VAE", model_config), "prior": ("a PixelCNN prior", prio
 CHECKPOINT_NAMES = {("torch", "vqvae"): "checkpoint.pt", ("jax", "vqvae"): "checkpoint",
                     ("torch", "prior"): "prior.pt", ("jax", "prior"): "prior"}
 TRAINED_MODEL_NAME = "model.pt"
+# A Flax checkpoint is a directory of step folders, each named by its step and holding the
+# record as an orbax item of this name (vqvae_jax.checkpoint writes it). orbax takes any
+# numbered folder in there for a step: one made by anything else would pass for the newest.
+FLAX_RECORD_ITEM = "meta"
 
 
 def checkpoint_in(directory: str, kinds: tuple[str, ...] = tuple(KINDS)) -> str | None:
@@ -38,6 +42,28 @@ def checkpoint_in(directory: str, kinds: tuple[str, ...] = tuple(KINDS)) -> str 
         if os.path.exists(os.path.join(directory, name)):
             return os.path.join(directory, name)
     return None
+
+
+def is_flax_step(folder: str) -> bool:
+    """Whether `folder` is a step of a Flax checkpoint of this project: named by a number,
+    holding the record."""
+    return (os.path.basename(os.path.normpath(folder)).isdigit()
+            and os.path.isdir(os.path.join(folder, FLAX_RECORD_ITEM)))
+
+
+def is_flax_checkpoint(folder: str) -> bool:
+    """Whether `folder` holds a step of a Flax checkpoint of this project."""
+    try:
+        names = os.listdir(folder)
+    except OSError:  # not a directory, or not readable
+        return False
+    return any(is_flax_step(os.path.join(folder, name)) for name in names)
+
+
+def checkpoint_around(path: str) -> str | None:
+    """The Flax checkpoint that `path` lies inside, if any (a PyTorch checkpoint is a file:
+    nothing lies inside one)."""
+    return folder_around(path, is_flax_checkpoint)
 
 
 def run_files(folder: str) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import atomic, host_memory, prior
 from vqvae_common import config as cfg
-from vqvae_common.checkpoint_record import run_files
+from vqvae_common.checkpoint_record import checkpoint_around, run_files
 from vqvae_common.errors import UserError, one_line
 from vqvae_common.stop_signals import Stopped, exit_at_once
 
@@ -288,6 +288,9 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
     elif around is not None and around != os.path.realpath(directory):
         reason = (f"it lies inside the run in {around}, whose folders are its own: write "
                   f"beside the run's files or outside the run")
+    elif (inside := checkpoint_around(path)) is not None:
+        reason = (f"it lies inside the Flax checkpoint {inside}, whose folders are its steps: "
+                  f"choose a path outside it")
     elif os.path.lexists(path) and new:
         reason = "it exists, and is never written over: remove it or choose another"
     elif os.path.isdir(path):

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from vqvae_common import atomic, data, images, metrics
 from vqvae_common import config as cfg
 from vqvae_common.atomic import write_atomic
-from vqvae_common.checkpoint_record import checkpoint_in
+from vqvae_common.checkpoint_record import (checkpoint_around, checkpoint_in,
+                                            is_flax_checkpoint)
 from vqvae_common.errors import UserError
 from vqvae_common.logbook import Logbook
 from vqvae_common.run_lock import RunLock
@@ -492,7 +493,10 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
         raise UserError(f"--out {out} is inside the run in {around}, whose files and "
                         f"checkpoints are its own (a resume there rewrites its tensorboard/): "
                         f"choose a folder outside it")
-    if make_twin.has_checkpoint(out):
+    if (inside := checkpoint_around(out)) is not None:
+        raise UserError(f"--out {out} is inside the Flax checkpoint {inside}, whose folders "
+                        f"are its steps: choose a folder outside it")
+    if make_twin.has_checkpoint(out) or is_flax_checkpoint(out):  # the other twin's too
         raise UserError(f"--out {out} is a checkpoint, not a run's folder: choose a new folder "
                         f"(a VQ-VAE to start from goes to --init-from, or to --vqvae for a "
                         f"prior)")

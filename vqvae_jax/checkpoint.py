@@ -23,7 +23,7 @@ from flax import nnx
 
 from vqvae_common import checkpoint_record, layout
 from vqvae_common.checkpoint_record import CheckpointRecord
-from vqvae_common.config import ModelConfig, folder_around
+from vqvae_common.config import ModelConfig
 from vqvae_common.errors import UserError, clip
 from vqvae_common.prior import PriorConfig
 
@@ -55,20 +55,7 @@ def has_checkpoint(path: str) -> bool:
         return False
     with _manager(path) as manager:
         step = manager.latest_step()
-    return step is not None and os.path.isdir(os.path.join(path, str(step), "meta"))
-
-
-def checkpoint_around(path: str) -> str | None:
-    """The checkpoint directory that `path` lies inside, if any: the nearest folder above it
-    holding a step folder with this project's record. A folder made in there would pass for
-    its newest step, and hide the complete ones."""
-    def holds_a_step(folder: str) -> bool:
-        with contextlib.suppress(OSError):
-            return any(name.isdigit() and os.path.isdir(os.path.join(folder, name, "meta"))
-                       for name in os.listdir(folder))
-        return False
-
-    return folder_around(path, holds_a_step)
+    return step is not None and checkpoint_record.is_flax_step(os.path.join(path, str(step)))
 
 
 def remove_partial_writes(path: str) -> None:
@@ -143,10 +130,8 @@ def _reading(path: str, kind: str | None):
             step = manager.latest_step()
             if step is None:
                 parent = os.path.dirname(os.path.normpath(path))
-                step_folder = (os.path.basename(os.path.normpath(path)).isdigit()
-                               and os.path.isdir(os.path.join(path, "meta")))
-                hint = f": it is one step of the checkpoint {parent}, pass that" if step_folder \
-                    else ""
+                hint = (f": it is one step of the checkpoint {parent}, pass that"
+                        if checkpoint_record.is_flax_step(path) else "")
                 raise UserError(f"{path} holds no complete checkpoint{hint}")
             yield manager, step
     except UserError:
