@@ -41,9 +41,9 @@ def torch_to_flax(source: str, out: str) -> str:
     from vqvae_jax import checkpoint as jax_checkpoint
     from vqvae_torch import checkpoint as torch_checkpoint
 
-    kind = torch_checkpoint.read_record(source, kind=None).kind  # a VQ-VAE's or a prior's
+    record, payload = torch_checkpoint.load(source, torch.device("cpu"), kind=None)
+    kind = record.kind  # a VQ-VAE's or a prior's
     torch_model, flax_create = models(kind)
-    record, payload = torch_checkpoint.load(source, torch.device("cpu"), kind=kind)
     model = torch_model(record.model_config)
     torch_checkpoint.import_arrays(model, {k: v.numpy() for k, v in payload["model"].items()})
     # an optimizer state rides along only because a Flax checkpoint's state includes one
@@ -64,10 +64,9 @@ def flax_to_torch(source: str, out: str) -> str:
     from vqvae_jax import checkpoint as jax_checkpoint
     from vqvae_torch import checkpoint as torch_checkpoint
 
-    kind = jax_checkpoint.read_record(source, kind=None).kind  # a VQ-VAE's or a prior's
+    source_record = jax_checkpoint.read_record(source, kind=None)
+    kind, config = source_record.kind, source_record.model_config  # a VQ-VAE's or a prior's
     torch_model, flax_create = models(kind)
-    source_record = jax_checkpoint.read_record(source, kind=kind)
-    config = source_record.model_config
     flax_model, optimizer = flax_create(config, lr=1e-3, seed=0,
                                         schedule=source_record.lr_schedule)
     record, state = jax_checkpoint.load(source, config, nnx.state((flax_model, optimizer)),

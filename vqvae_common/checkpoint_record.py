@@ -151,7 +151,7 @@ def read_record(raw: Any, path: str, framework: str, holds_optimizer: bool,
     declared = raw.get("framework") if isinstance(raw, dict) else None
     if declared == framework and {"model_config", "step"} <= raw.keys():
         held = raw.get("kind", "vqvae")
-        if held not in KINDS or held != (kind or held):
+        if held not in KINDS or (kind is not None and held != kind):
             raise UserError(f"{path} holds {KINDS.get(held, ('an unknown model',))[0]}, not "
                             f"{KINDS[kind][0] if kind else 'a model of this project'}")
         return CheckpointRecord(framework, KINDS[held][1](raw["model_config"]),

@@ -272,10 +272,10 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
                       ) -> None:
     """A UserError, before any work is done, where `path` cannot be written: empty, its
     directory missing or one where no file can be made, or `path` a directory, inside a
-    run's folders (checkpoint/, tensorboard/: the run's own), a record or picture of the run
-    in its folder, or an existing file that is not of the `kind` written there
-    (OUTPUT_SIGNATURES). A `new` path must not exist, and only its nearest existing ancestor
-    must be a writable directory (the writer makes the rest)."""
+    run's folders (checkpoint/, tensorboard/: the run's own) or a Flax checkpoint, a record
+    or picture of the run in its folder, or an existing file that is not of the `kind`
+    written there (OUTPUT_SIGNATURES). A `new` path must not exist, and only its nearest
+    existing ancestor must be a writable directory (the writer makes the rest)."""
     if not path:
         raise UserError(f"{flag} is empty: name the file to write")
     directory = os.path.dirname(os.path.abspath(path))  # abspath: "x/" -> "x"
