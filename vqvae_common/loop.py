@@ -496,7 +496,7 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if (inside := checkpoint_around(out)) is not None:
         raise UserError(f"--out {out} is inside the Flax checkpoint {inside}, whose folders "
                         f"are its steps: choose a folder outside it")
-    if make_twin.has_checkpoint(out) or is_flax_checkpoint(out):  # the other twin's too
+    if is_flax_checkpoint(out):  # either twin's run (a PyTorch checkpoint, a file: above)
         raise UserError(f"--out {out} is a checkpoint, not a run's folder: choose a new folder "
                         f"(a VQ-VAE to start from goes to --init-from, or to --vqvae for a "
                         f"prior)")
