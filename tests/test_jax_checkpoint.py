@@ -117,3 +117,36 @@ def test_a_folder_of_numbered_folders_is_no_checkpoint(tmp_path):
     assert not checkpoint.has_checkpoint(str(tmp_path))
     JAX.make().save(str(tmp_path / "c"), 20)
     assert checkpoint.has_checkpoint(str(tmp_path / "c"))
+
+
+def test_a_numbered_folder_newer_than_every_step_is_refused_and_hides_none(tmp_path,
+                                                                            monkeypatch):
+    """orbax alone would restore it as the newest step, and a fresh run would write over the
+    steps it hides; every reader and both kinds of run refuse it, and nothing is deleted."""
+    from vqvae_common import config as cfg
+    from vqvae_common import loop
+    from vqvae_jax import checkpoint
+    from vqvae_jax.train import JaxTwin
+
+    monkeypatch.setattr(loop.data, "load", lambda *args, **kwargs: pytest.fail("data read"))
+    run = tmp_path / "run"
+    (run / "config.json").parent.mkdir()
+    (run / "config.json").write_text('{"model": {}, "train": {}, "checkpoint": "checkpoint"}')
+    ckpt = run / "checkpoint"
+    JAX.make().save(str(ckpt), 20)
+    (ckpt / "99").mkdir()
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    refusal = f"{ckpt}/99 is not a step of this project's checkpoint .* move it out of {ckpt}"
+    for attempt in (lambda: checkpoint.has_checkpoint(str(ckpt)),
+                    lambda: JAX.make().load(str(ckpt)),
+                    lambda: checkpoint.read_record(str(ckpt)),
+                    lambda: loop.fit(JaxTwin, cfg.ModelConfig(),
+                                     cfg.TrainConfig(out=str(run), resume=True)),
+                    lambda: loop.fit(JaxTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(run)))):
+        with pytest.raises(UserError, match=refusal):
+            attempt()
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    (ckpt / "99").rename(ckpt / "5")  # older than the newest step: what a prune leaves
+    assert checkpoint.has_checkpoint(str(ckpt))
+    assert checkpoint.read_record(str(ckpt)).step == 20
+

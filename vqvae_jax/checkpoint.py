@@ -44,18 +44,18 @@ def save(path: str, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
             manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     except OSError as e:
-        kept = "; the previous checkpoint is kept" if has_checkpoint(path) else ""
+        kept = "; the previous checkpoint is kept" if checkpoint_record.is_flax_checkpoint(
+            path) else ""
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from e
 
 
 def has_checkpoint(path: str) -> bool:
     """Whether `path` holds a complete step (a temporary folder is not one) with this
-    project's record: orbax takes any folder named by a number for a step."""
+    project's record; a numbered folder without one, newer than every step, is refused."""
     if not os.path.isdir(path):
         return False
     with _manager(path) as manager:
-        step = manager.latest_step()
-    return step is not None and checkpoint_record.is_flax_step(os.path.join(path, str(step)))
+        return _newest_step(manager, path) is not None
 
 
 def remove_partial_writes(path: str) -> None:
@@ -116,6 +116,23 @@ def _record(manager: ocp.CheckpointManager, step: int, path: str, kind: str | No
     return checkpoint_record.read_record(meta, path, "jax", holds_optimizer=True, kind=kind)
 
 
+def _newest_step(manager: ocp.CheckpointManager, path: str) -> int | None:
+    """The newest step that holds this project's record, None if none. orbax takes any
+    folder named by a number for a step: one newer than our newest would be restored in its
+    place, and a fresh run would then write over (and prune) the steps it hides, so it is a
+    UserError, the folder left alone. (An older one is what an interrupted prune leaves, for
+    remove_partial_writes to delete.)"""
+    steps = manager.all_steps()
+    ours = [step for step in steps if checkpoint_record.is_flax_step(os.path.join(path, str(step)))]
+    if not ours:
+        return None
+    if newer := sorted(step for step in steps if step > max(ours)):
+        raise UserError(f"{os.path.join(path, str(newer[0]))} is not a step of this "
+                        f"project's checkpoint (it holds no record), yet orbax would take it "
+                        f"for the newest one: move it out of {path}")
+    return max(ours)
+
+
 @contextlib.contextmanager
 def _reading(path: str, kind: str | None):
     """(manager, newest complete step) of a `kind` model's checkpoint (None: either kind's);
@@ -127,7 +144,7 @@ def _reading(path: str, kind: str | None):
         raise UserError(f"{path} is not a Flax checkpoint directory{convert}")
     try:
         with _manager(path) as manager:
-            step = manager.latest_step()
+            step = _newest_step(manager, path)
             if step is None:
                 parent = os.path.dirname(os.path.normpath(path))
                 hint = (f": it is one step of the checkpoint {parent}, pass that"
