@@ -44,14 +44,20 @@ def remove_leftovers(directory: str) -> None:
 
 def cannot_make(path: str) -> str | None:
     """Why `path` (a file or folder) cannot be made, with any folders missing above it: the
-    nearest existing one above is not a directory, or no file can be made in it, found by
-    making (and removing) one, as permission bits do not tell for root, nor for file
-    systems such as /proc. None where it can."""
+    nearest existing one above is not a directory, a name is longer than its file system
+    allows (the last with SUFFIX, the name a file is first written under), or no file can
+    be made in it, found by making (and removing) one, as permission bits do not tell for
+    root, nor for file systems such as /proc. None where it can."""
     start = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(start):
         start = os.path.dirname(start)
     if not os.path.isdir(start):
         return f"{start} is not a directory"
+    names = os.path.relpath(os.path.abspath(path), start).split(os.sep)
+    longest = os.pathconf(start, "PC_NAME_MAX")
+    for name in (*names[:-1], names[-1] + SUFFIX):
+        if len(os.fsencode(name)) > longest:
+            return f"the name {name[:20]}... is longer than the {longest} bytes {start} allows"
     try:
         with tempfile.NamedTemporaryFile(dir=start, prefix=".", suffix=SUFFIX):
             return None
