@@ -93,6 +93,21 @@ def test_initialize_kmeans_sets_the_codebook_usage_and_ema_averages(twin):
     np.testing.assert_array_equal(sums, want)
 
 
+def test_a_bfloat16_torch_quantizer_starts_from_kmeans_as_flax_does():
+    """numpy has no bfloat16: the vectors reach k-means (float64 anyway) as float64."""
+    import torch
+
+    from vqvae_torch.model import VectorQuantizer
+
+    z_e = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    quantizer = VectorQuantizer(16, 8).to(torch.bfloat16)
+    quantizer.initialize_kmeans(z_e, seed=3, iterations=2, show_progress=False)
+    want = kmeans(z_e.permute(0, 2, 3, 1).reshape(-1, 8).double().numpy(), 16, 3, 2, False)
+    assert quantizer.codebook.dtype == torch.bfloat16
+    np.testing.assert_array_equal(quantizer.codebook.detach().double().numpy(),
+                                  torch.tensor(want).bfloat16().double().numpy())
+
+
 @pytest.mark.parametrize("update", ["grad", "ema"])
 def test_twin_kmeans_start_clusters_train_mode_encoder_outputs(twin, update):
     trained = twin.make(model=dataclasses.replace(MODEL, codebook_update=update))

@@ -76,6 +76,29 @@ def test_batch_norm_matches_torch(fast_cpu):
 
 
 @pytest.mark.parametrize("fast_cpu", PATHS)
+def test_batch_norm_of_one_value_per_channel_is_refused_as_torch_refuses_it(fast_cpu):
+    """Its unbiased running variance would divide by n - 1 = 0: NaN for every later eval."""
+    x = np.zeros((1, 1, 1, 3), np.float32)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when "
+                                         "training") as refused:
+        torch.nn.BatchNorm2d(3).train()(_nchw(x))
+    bn = BatchNorm(3, fast_cpu=fast_cpu)
+    with pytest.raises(ValueError, match=re.escape(str(refused.value).split(",")[0])):
+        bn(jnp.asarray(x))
+    assert np.isfinite(bn.var[...]).all()
+
+
+def test_set_codebook_keeps_a_copy_of_what_it_is_given():
+    """A PyTorch tensor's CPU buffer is aligned so that jnp.asarray would share it: the Flax
+    codebook then moved with PyTorch's, in the middle of a port."""
+    given = torch.zeros(4, 3)
+    quantizer = jax_model.VectorQuantizer(4, 3, codebook_update="ema", rngs=nnx.Rngs(0))
+    quantizer.set_codebook(given.numpy())
+    given += 1
+    np.testing.assert_array_equal(quantizer.codebook[...], np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("fast_cpu", PATHS)
 def test_batch_norm_gradients_match_torch(fast_cpu):
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(4, 5, 6, 3)) * [1.0, 3.0, 0.2] + 1).astype(np.float32)

@@ -101,9 +101,12 @@ class BatchNorm(nnx.Module):
         if self.use_running_average:
             return ((x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps)
                     * self.scale[...] + self.bias[...])
+        n = x.size // x.shape[-1]
+        if n == 1:  # PyTorch's refusal: var_B * n / (n - 1) would make the running var NaN
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"input of shape {x.shape}")
         normalize = xla_cpu.batch_norm if self.fast_cpu else batch_norm
         y, mean, var = normalize(x, self.scale[...], self.bias[...], self.eps)
-        n = x.size // x.shape[-1]
         m = self.momentum
         self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
         self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * n / (n - 1)
@@ -328,8 +331,10 @@ class VectorQuantizer(nnx.Module):
                                            self.ema_sums[...])
 
     def set_codebook(self, codebook: jax.Array | np.ndarray) -> None:
-        """codebook <- the given (K, D); the EMA averages restart from it."""
-        self.codebook[...] = jnp.asarray(codebook, self.codebook[...].dtype)
+        """codebook <- a copy of the given (K, D); the EMA averages restart from it."""
+        # jnp.array copies: on a CPU jnp.asarray may share an aligned numpy buffer (a
+        # PyTorch tensor's .numpy(), say), which the caller may go on to change
+        self.codebook[...] = jnp.array(codebook, self.codebook[...].dtype)
         self._restart_ema(jnp.ones(len(codebook), bool))
 
     def initialize_kmeans(self, z_e: jax.Array, seed: int,

@@ -225,8 +225,8 @@ class VectorQuantizer(nn.Module):
         """codebook <- vqvae_common.kmeans of the vectors of z_e (B, D, h, w), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step)."""
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-        self.set_codebook(kmeans(flat.cpu().numpy(), len(self.codebook), seed, iterations,
-                                 show_progress))
+        self.set_codebook(kmeans(flat.cpu().double().numpy(), len(self.codebook), seed,
+                                 iterations, show_progress))  # numpy has no bfloat16
         self.usage.fill_(1 / len(self.codebook))
 
     @torch.no_grad()
