@@ -89,3 +89,25 @@ def test_payload_would_run_when_unpickled(tmp_path):
     payload.marker = str(marker)
     pickle.loads(pickle.dumps(payload))
     assert marker.exists()
+
+
+def test_a_model_loaded_to_use_is_in_eval_mode_and_leaves_global_state_alone(tmp_path):
+    """Loaded in train mode, a direct twin.model(x) moved the BatchNorm statistics, code
+    usage and EMA codebook; and the load reseeded PyTorch's global RNG (a caller's draws
+    were then the same whatever their seed) and turned deterministic algorithms on."""
+    path = str(tmp_path / "checkpoint.pt")
+    TORCH.make().save(path, 1)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        draws = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            twin = TorchTwin.from_checkpoint(path, device="cpu")
+            draws.append(torch.rand(3))
+            assert not torch.are_deterministic_algorithms_enabled()
+        torch.manual_seed(2)
+        assert torch.equal(draws[1], torch.rand(3)) and not torch.equal(draws[0], draws[1])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert not twin.model.training and not any(m.training for m in twin.model.modules())

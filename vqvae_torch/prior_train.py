@@ -12,8 +12,8 @@ from vqvae_common.config import TrainConfig
 from vqvae_common.prior import PriorConfig
 from vqvae_torch import checkpoint
 from vqvae_torch.prior import PixelCNN, nll, sample
-from vqvae_torch.train import (TorchTwin, deterministic, scheduled_rate, select_device,
-                               set_learning_rate, to_numpy)
+from vqvae_torch.train import (TorchTwin, caller_state_kept, deterministic, scheduled_rate,
+                               select_device, set_learning_rate, to_numpy)
 
 
 def train_step(model: PixelCNN, optimizer: torch.optim.Optimizer, codes: torch.Tensor,
@@ -59,11 +59,13 @@ class TorchPriorTwin:
     def from_checkpoint(cls, path: str, device: str = "auto", vqvae: str | None = None
                         ) -> "TorchPriorTwin":
         """The prior saved in `path`, over the VQ-VAE it records (or `vqvae`), ready to
-        sample."""
+        sample: in eval mode, PyTorch's global state left as it was."""
         record, payload = checkpoint.load(path, select_device(device), kind="prior")
         config = common.decoding_vqvae(record.model_config, vqvae, path)
-        twin = cls(config, TrainConfig(device=device, dataset=config.dataset))
+        with caller_state_kept():
+            twin = cls(config, TrainConfig(device=device, dataset=config.dataset))
         checkpoint.load_weights(twin.model, payload["model"], path)
+        twin.model.eval()
         return twin
 
     def _put(self, batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,10 +2,11 @@
 and the `Twin` interface that vqvae_common.loop.fit drives. Mirrors vqvae_jax/train.py."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +37,20 @@ def deterministic() -> None:
     cuBLAS then needs a fixed workspace, set before its first matmul, else it raises."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+
+
+@contextlib.contextmanager
+def caller_state_kept() -> Iterator[None]:
+    """PyTorch's global RNG and deterministic-algorithms flags as they were before: a twin
+    built to be used, not trained (from_checkpoint), leaves a library caller's own draws
+    and ops theirs."""
+    flags = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -121,10 +136,12 @@ class TorchTwin:
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto") -> "TorchTwin":
         """The model saved in `path` (any PyTorch checkpoint of this project, converted ones
-        included), ready to evaluate."""
+        included), ready to evaluate: in eval mode, PyTorch's global state left as it was."""
         record, payload = checkpoint.load(path, select_device(device))
-        twin = cls(record.model_config, TrainConfig(device=device))
+        with caller_state_kept():
+            twin = cls(record.model_config, TrainConfig(device=device))
         checkpoint.load_weights(twin.model, payload["model"], path)
+        twin.model.eval()
         return twin
 
     @torch.no_grad()
