@@ -53,6 +53,14 @@ def test_distances_in_blocks_pick_the_same_codes(twin, block, monkeypatch):
     np.testing.assert_array_equal(twin.nearest_codes(flat, codebook), nearest)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_an_empty_batch_is_refused(twin, train):
+    """PyTorch's usage became NaN (shares of N = 0 vectors), so no code restarted again."""
+    vq = twin.quantizer(4, 3)
+    with pytest.raises(ValueError, match=r"no vectors to quantize: z_e of shape \(0, "):
+        twin.apply(vq, np.zeros((0, 2, 2, 3), np.float32), train=train)
+
+
 def test_straight_through_gradient_is_the_identity(twin):
     rng = np.random.default_rng(0)
     z_e = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
@@ -160,6 +168,16 @@ def test_preset_shapes(twin, dataset, size, latent):
     assert out.indices.shape == (2, latent, latent)
     assert np.abs(out.recon).max() <= 1.0
     assert set(out.losses) == {"loss", "recon", "codebook", "commitment"}
+
+
+@pytest.mark.parametrize("height, width", [(30, 30), (29, 31), (28, 30)])
+def test_image_sides_that_do_not_come_back_whole_are_refused(twin, height, width):
+    """Two stride-2 convolutions and two transposed ones give back sides rounded down to
+    multiples of 4: the loss failed deep inside on shapes that do not broadcast."""
+    model = twin.vqvae(ModelConfig(in_channels=1, hidden=8, num_codes=4))
+    x = np.zeros((2, height, width, 1), np.float32)
+    with pytest.raises(ValueError, match=f"multiples of 4, not {height} x {width}"):
+        twin.apply(model, x)
 
 
 def test_initialisers(twin):

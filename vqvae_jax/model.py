@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vqvae_common.config import ModelConfig, TrainConfig, distance_block_rows
+from vqvae_common.config import (ModelConfig, TrainConfig, check_image_sides,
+                                 distance_block_rows)
 from vqvae_common.kmeans import kmeans
 from vqvae_jax import xla_cpu
 
@@ -300,6 +301,8 @@ class VectorQuantizer(nnx.Module):
     def __call__(self, z: jax.Array) -> Quantized:
         e = self.codebook[...]
         flat = z.reshape(-1, z.shape[-1])
+        if not len(flat):  # the usage shares would divide by N = 0
+            raise ValueError(f"no vectors to quantize: z_e of shape {z.shape}")
         indices = nearest_codes(jax.lax.stop_gradient(flat), jax.lax.stop_gradient(e))
         z_q = e[indices].reshape(z.shape)
         if not self.use_running_average:
@@ -387,6 +390,7 @@ class VQVAE(nnx.Module):
         self.decoder = Decoder(config.hidden, config.in_channels, fast_cpu=fast_cpu, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> Output:
+        check_image_sides(*x.shape[1:3])
         z_e = self.encoder(x)
         quantized = self.quantizer(z_e)
         x_hat = self.decoder(quantized.z_q)

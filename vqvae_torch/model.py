@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqvae_common.config import ModelConfig, TrainConfig, distance_block_rows
+from vqvae_common.config import (ModelConfig, TrainConfig, check_image_sides,
+                                 distance_block_rows)
 from vqvae_common.kmeans import kmeans
 from vqvae_torch.distributed import all_gather_rows, all_reduce_sum, world_size
 
@@ -175,6 +176,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z_e: torch.Tensor) -> Quantized:
         z = z_e.permute(0, 2, 3, 1)  # (B, h, w, D)
         flat = z.reshape(-1, z.shape[-1])
+        if not len(flat):  # the usage shares would divide by N = 0
+            raise ValueError(f"no vectors to quantize: z_e of shape {tuple(z_e.shape)}")
         indices = nearest_codes(flat.detach(), self.codebook.detach())
         z_q = self.codebook[indices].view_as(z)
         if self.training:
@@ -271,6 +274,7 @@ class VQVAE(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> Output:
+        check_image_sides(*x.shape[2:])
         z_e = self.encoder(x)
         quantized = self.quantizer(z_e)
         x_hat = self.decoder(quantized.z_q)
