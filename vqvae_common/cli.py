@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -65,10 +64,8 @@ class InBounds(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  value: Any, option_string: str | None = None) -> None:
-        low, high = self.bounds
-        if not (math.isfinite(value) and low <= value <= high):
-            raise UserError(f"{self.option_strings[0]} {value} is out of range: "
-                            f"expected {low} to {high}")
+        if (why := cfg.out_of_bounds(self.option_strings[0], value, self.bounds)) is not None:
+            raise UserError(why)
         setattr(namespace, self.dest, value)
 
 
