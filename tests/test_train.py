@@ -64,6 +64,17 @@ def test_train_step_returns_loss_terms_left_on_the_device(twin, batch):
         fetched["recon"] + fetched["codebook"] + MODEL.beta * fetched["commitment"], rel=1e-6)
 
 
+def test_raw_uint8_images_are_refused_not_read_as_floats(twin, batch):
+    """Flax read them as values in [0, 255]: a recon loss of 9004, no error."""
+    trained = twin.make()
+    raw = np.round((batch + 1) * 127.5).astype(np.uint8)
+    for call in (trained.evaluate, trained.encode, trained.train_step,
+                 lambda images: trained.train_steps([images, images])):
+        with pytest.raises(ValueError, match="a batch of uint8 values: the model takes float "
+                                             "images in \\[-1, 1\\]"):
+            call(raw)
+
+
 def test_evaluate_is_nhwc_and_leaves_the_state_alone(twin, batch):
     trained = twin.make()
     trained.train_step(batch)

@@ -182,6 +182,14 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+def check_floats(batch: np.ndarray) -> None:
+    """A ValueError unless `batch` holds floats: what the twins take is images in [-1, 1]
+    (to_float's) or latents, and raw uint8 images read as [0, 255] give garbage."""
+    if not np.issubdtype(np.asarray(batch).dtype, np.floating):
+        raise ValueError(f"a batch of {np.asarray(batch).dtype} values: the model takes float "
+                         f"images in [-1, 1] (vqvae_common.data.to_float) or float latents")
+
+
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return num_images // batch_size
 

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vqvae_common import data
 from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, check_global_batch, learning_rate
 from vqvae_common.errors import UserError
@@ -206,6 +207,7 @@ class JaxTwin:
         """The global batch as one array over the run's devices: sharded along the batch
         when it splits evenly (every training batch), else replicated (a last, smaller
         evaluation batch)."""
+        data.check_floats(batch)
         if len(batch) % self.num_devices:
             return self._assemble(batch, self.replicated, None)
         return self._assemble(batch, self.sharded, 0)
@@ -234,7 +236,9 @@ class JaxTwin:
         return losses
 
     def train_steps(self, batches: list[np.ndarray]) -> dict[str, jax.Array]:
-        stacked = self._assemble(np.stack(batches),  # (k, B, H, W, C), sharded along B
+        host = np.stack(batches)  # (k, B, H, W, C)
+        data.check_floats(host)
+        stacked = self._assemble(host,  # sharded along B
                                  NamedSharding(self.sharded.mesh, P(None, "data")), 1)
         self.state, losses = self._train_steps(self.state, stacked)
         return losses

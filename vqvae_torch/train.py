@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from vqvae_common import data
 from vqvae_common.checkpoint_record import CHECKPOINT_NAMES, CheckpointRecord
 from vqvae_common.config import ModelConfig, TrainConfig, learning_rate
 from vqvae_common.errors import UserError
@@ -54,7 +55,8 @@ def caller_state_kept() -> Iterator[None]:
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """NHWC numpy -> NCHW tensor on `device`."""
+    """NHWC numpy floats -> NCHW tensor on `device`."""
+    data.check_floats(batch)
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
 
 
