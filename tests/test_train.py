@@ -64,6 +64,13 @@ def test_train_step_returns_loss_terms_left_on_the_device(twin, batch):
         fetched["recon"] + fetched["codebook"] + MODEL.beta * fetched["commitment"], rel=1e-6)
 
 
+def test_decoding_the_codes_of_a_batch_gives_its_reconstruction(twin, batch):
+    trained = twin.make()
+    trained.train_step(batch)
+    recon, indices, _ = trained.evaluate(batch)
+    np.testing.assert_allclose(trained.decode_codes(indices), recon, rtol=0, atol=1e-6)
+
+
 def test_raw_uint8_images_are_refused_not_read_as_floats(twin, batch):
     """Flax read them as values in [0, 255]: a recon loss of 9004, no error."""
     trained = twin.make()

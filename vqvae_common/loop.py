@@ -107,6 +107,9 @@ class Twin(Protocol):
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Quantize (B, h, w, D) latents and decode them to images."""
 
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Decode code indices (B, h, w) to images: the codebook's vectors, then the decoder."""
+
     def save(self, path: str, step: int) -> None:
         """Write model and optimizer state atomically: a kill leaves the previous one. Called
         in every process of a run; the twin decides which of them write."""

@@ -56,12 +56,6 @@ def vqvae_fingerprint(vqvae: JaxTwin) -> str:
     return common.fingerprint(layout.flax_to_torch(checkpoint.export_arrays(model)))
 
 
-def decode_codes(graphdef: nnx.GraphDef, state: nnx.State, codes: jax.Array) -> jax.Array:
-    vqvae, _ = nnx.merge(graphdef, state)
-    vqvae.eval()
-    return vqvae.decoder(vqvae.quantizer.codebook[...][codes])
-
-
 class JaxPriorTwin:
     """A gated PixelCNN and its Adam as one nnx.State on one device, stepped by one jitted
     call that donates it, over the codes of a frozen JaxTwin VQ-VAE; checkpoints are an
@@ -87,7 +81,6 @@ class JaxPriorTwin:
                                    donate_argnums=0)
         self._eval_nll = jax.jit(functools.partial(eval_nll, self.graphdef))
         self._sample = jax.jit(functools.partial(sample_codes, self.graphdef))
-        self._decode_codes = jax.jit(functools.partial(decode_codes, self.vqvae.graphdef))
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", vqvae: str | None = None
@@ -126,9 +119,7 @@ class JaxPriorTwin:
         return np.asarray(self._sample(self.state, labels_d, jax.device_put(gumbel, self.device)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        return np.asarray(self._decode_codes(self.vqvae.state,
-                                             jax.device_put(np.asarray(codes, np.int32),
-                                                            self.device)))
+        return self.vqvae.decode_codes(codes)
 
     def save(self, path: str, step: int) -> None:
         record = CheckpointRecord("jax", self.config, step, kind="prior",

@@ -135,6 +135,12 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.
     return model.decoder(model.quantizer(latents).z_q)
 
 
+def decode_codes(graphdef: nnx.GraphDef, state: nnx.State, codes: jax.Array) -> jax.Array:
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return model.decoder(model.quantizer.codebook[...][codes])
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """All of a global array as numpy, in every process (np.asarray alone sees only this
     host's devices' part when the run spans several hosts)."""
@@ -190,6 +196,7 @@ class JaxTwin:
         self._eval_forward = jit(functools.partial(eval_forward, self.graphdef))
         self._encode = jit(functools.partial(encode, self.graphdef))
         self._decode = jit(functools.partial(decode, self.graphdef))
+        self._decode_codes = jit(functools.partial(decode_codes, self.graphdef))
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto") -> "JaxTwin":
@@ -255,6 +262,10 @@ class JaxTwin:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return to_host(self._decode(self.state, self._put(latents)))
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        return to_host(self._decode_codes(self.state, self._assemble(
+            np.asarray(codes, np.int32), self.replicated, None)))
 
     def save(self, path: str, step: int) -> None:
         record = CheckpointRecord("jax", self.config, step, lr_schedule=self.lr_schedule)

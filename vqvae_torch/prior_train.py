@@ -13,7 +13,7 @@ from vqvae_common.prior import PriorConfig
 from vqvae_torch import checkpoint
 from vqvae_torch.prior import PixelCNN, nll, sample
 from vqvae_torch.train import (TorchTwin, caller_state_kept, deterministic, scheduled_rate,
-                               select_device, set_learning_rate, to_numpy)
+                               select_device, set_learning_rate)
 
 
 def train_step(model: PixelCNN, optimizer: torch.optim.Optimizer, codes: torch.Tensor,
@@ -96,12 +96,8 @@ class TorchPriorTwin:
         codes = sample(self.model, labels_t, torch.from_numpy(gumbel).to(self.device))
         return codes.cpu().numpy().astype(np.int32)
 
-    @torch.no_grad()
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        vqvae = self.vqvae.model.eval()
-        indices = torch.from_numpy(np.asarray(codes, np.int64)).to(self.device)
-        z_q = vqvae.quantizer.codebook[indices].permute(0, 3, 1, 2)
-        return to_numpy(vqvae.decoder(z_q))
+        return self.vqvae.decode_codes(codes)
 
     def save(self, path: str, step: int) -> None:
         record = CheckpointRecord("torch", self.config, step, kind="prior",

@@ -194,6 +194,13 @@ class TorchTwin:
         z_q = self.model.quantizer(to_tensor(latents, self.device)).z_q
         return to_numpy(self.model.decoder(z_q))
 
+    @torch.no_grad()
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        indices = torch.from_numpy(np.asarray(codes, np.int64)).to(self.device)
+        return to_numpy(self.model.decoder(
+            self.model.quantizer.codebook[indices].permute(0, 3, 1, 2)))
+
     def save(self, path: str, step: int) -> None:
         if distributed.rank() == 0:
             record = CheckpointRecord("torch", self.config, step, lr_schedule=self.lr_schedule)
