@@ -11,7 +11,7 @@ EXAMPLES = dict(re.findall(r"<!-- example: (.+?) -->\n```python\n(.*?)```", READ
 
 
 def test_the_readme_has_its_examples():
-    assert set(EXAMPLES) >= {"torch quantizer", "flax quantizer"}
+    assert set(EXAMPLES) >= {"torch quantizer", "flax quantizer", "port a model"}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
