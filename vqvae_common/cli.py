@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -64,8 +65,10 @@ class InBounds(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  value: Any, option_string: str | None = None) -> None:
-        if (why := cfg.out_of_bounds(self.option_strings[0], value, self.bounds)) is not None:
-            raise UserError(why)
+        low, high = self.bounds
+        if not (math.isfinite(value) and low <= value <= high):
+            raise UserError(f"{self.option_strings[0]} {value} is out of range: "
+                            f"expected {low} to {high}")
         setattr(namespace, self.dest, value)
 
 
