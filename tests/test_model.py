@@ -53,6 +53,18 @@ def test_distances_in_blocks_pick_the_same_codes(twin, block, monkeypatch):
     np.testing.assert_array_equal(twin.nearest_codes(flat, codebook), nearest)
 
 
+@pytest.mark.parametrize("shape, says", [
+    ({"num_codes": 0, "dim": 3}, "at least 1 code of at least 1 dimension, not num_codes 0"),
+    ({"num_codes": 4, "dim": 0}, "at least 1 code of at least 1 dimension, not num_codes 4, "
+                                 "dim 0"),
+    ({"num_codes": 4, "dim": 3, "codebook_update": "kmeans"}, "must be 'grad' or 'ema'")])
+def test_a_quantizer_that_cannot_be_built_is_refused(twin, shape, says):
+    """num_codes 0 was a ZeroDivisionError in the distance blocks."""
+    options = {k: v for k, v in shape.items() if k not in ("num_codes", "dim")}
+    with pytest.raises(ValueError, match=says):
+        twin.quantizer(shape["num_codes"], shape["dim"], **options)
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_an_empty_batch_is_refused(twin, train):
     """PyTorch's usage became NaN (shares of N = 0 vectors), so no code restarted again."""

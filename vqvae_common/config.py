@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -39,29 +38,6 @@ def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
 def option(name: str) -> str:
     """The command-line option of the config field `name`: --batch-size for batch_size."""
     return "--" + name.replace("_", "-")
-
-
-def out_of_bounds(option_name: str, value: float, bounds: tuple[float, float]) -> str | None:
-    """Why `value` of the flag `option_name` is refused (not finite, or outside the inclusive
-    `bounds`); None where it is in them."""
-    low, high = bounds
-    if math.isfinite(value) and low <= value <= high:
-        return None
-    return f"{option_name} {value} is out of range: expected {low} to {high}"
-
-
-def check_flag_values(config: Any) -> None:
-    """A UserError for a flag field of the dataclass `config` outside its bounds or choices:
-    what the parser refuses, refused as well in a config built in Python (num_codes=0 was a
-    ZeroDivisionError deep in the quantizer)."""
-    for field in dataclasses.fields(config):
-        value, bounds = getattr(config, field.name), field.metadata.get("bounds")
-        choices = field.metadata.get("choices")
-        if bounds and value is not None and (why := out_of_bounds(option(field.name), value,
-                                                                  bounds)):
-            raise UserError(why)
-        if choices and value not in choices:
-            raise UserError(f"{option(field.name)} {value!r}: choose one of {', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +73,6 @@ class ModelConfig:
     ema_epsilon: float = flag(1e-5, "Laplace smoothing of the EMA codebook's counts, so that "
                                     "a code assigned nothing divides by no zero", (1e-12, 1.0))
 
-    def __post_init__(self) -> None:
-        check_flag_values(self)
-
 
 # What a checkpoint recorded before a ModelConfig field existed meant: the model it holds
 # was trained that way, whatever today's default is.
@@ -108,6 +81,17 @@ BEFORE_FIELD_EXISTED = {"codebook_update": "grad"}
 
 # The VQ-VAE's two stride-2 convolutions: an H x W image has an (H/4) x (W/4) code map.
 DOWNSAMPLING = 4
+
+
+def check_quantizer_shape(num_codes: int, dim: int, codebook_update: str) -> None:
+    """A ValueError for a VectorQuantizer that cannot be built: fewer than one code or one
+    dimension (num_codes 0 was a ZeroDivisionError in the distance blocks), or an unknown
+    codebook_update."""
+    if num_codes < 1 or dim < 1:
+        raise ValueError(f"a quantizer needs at least 1 code of at least 1 dimension, not "
+                         f"num_codes {num_codes}, dim {dim}")
+    if codebook_update not in ("grad", "ema"):
+        raise ValueError(f"codebook_update must be 'grad' or 'ema', not {codebook_update!r}")
 
 
 def check_image_sides(height: int, width: int) -> None:

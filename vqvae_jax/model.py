@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from vqvae_common.config import (ModelConfig, TrainConfig, check_image_sides,
-                                 distance_block_rows)
+                                 check_quantizer_shape, distance_block_rows)
 from vqvae_common.kmeans import kmeans
 from vqvae_jax import xla_cpu
 
@@ -283,8 +283,7 @@ class VectorQuantizer(nnx.Module):
                  codebook_update: str = ModelConfig.codebook_update,
                  ema_decay: float = ModelConfig.ema_decay,
                  ema_epsilon: float = ModelConfig.ema_epsilon, *, rngs: nnx.Rngs) -> None:
-        if codebook_update not in ("grad", "ema"):
-            raise ValueError(f"codebook_update must be 'grad' or 'ema', not {codebook_update!r}")
+        check_quantizer_shape(num_codes, dim, codebook_update)
         learned_by = nnx.Param if codebook_update == "grad" else nnx.BatchStat
         self.codebook = learned_by(jax.random.uniform(
             rngs.params(), (num_codes, dim), minval=-1 / num_codes, maxval=1 / num_codes))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqvae_common.config import (ModelConfig, TrainConfig, check_image_sides,
-                                 distance_block_rows)
+                                 check_quantizer_shape, distance_block_rows)
 from vqvae_common.kmeans import kmeans
 from vqvae_torch.distributed import all_gather_rows, all_reduce_sum, world_size
 
@@ -160,8 +160,7 @@ class VectorQuantizer(nn.Module):
                  ema_decay: float = ModelConfig.ema_decay,
                  ema_epsilon: float = ModelConfig.ema_epsilon) -> None:
         super().__init__()
-        if codebook_update not in ("grad", "ema"):
-            raise ValueError(f"codebook_update must be 'grad' or 'ema', not {codebook_update!r}")
+        check_quantizer_shape(num_codes, dim, codebook_update)
         self.codebook = nn.Parameter(
             torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes),
             requires_grad=codebook_update == "grad")
