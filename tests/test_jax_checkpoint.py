@@ -110,11 +110,25 @@ def test_a_checkpoint_given_as_a_runs_out_is_refused_and_left_as_it_was(tmp_path
         loop.fit(JaxTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(run / "checkpoint")))
 
 
-def test_a_folder_of_numbered_folders_is_no_checkpoint(tmp_path):
+def test_a_folder_of_numbered_folders_is_no_checkpoint_and_no_place_for_one(tmp_path,
+                                                                            monkeypatch):
+    """orbax alone would take "7" for a step: it counted towards the 2 steps a run keeps, so
+    a run there kept one of its own, and every later --resume was refused."""
+    from vqvae_common import config as cfg
+    from vqvae_common import loop
     from vqvae_jax import checkpoint
+    from vqvae_jax.train import JaxTwin
 
-    (tmp_path / "7").mkdir()  # orbax alone would take it for step 7
-    assert not checkpoint.has_checkpoint(str(tmp_path))
+    monkeypatch.setattr(loop.data, "load", lambda *args, **kwargs: pytest.fail("data read"))
+    (tmp_path / "checkpoint" / "7").mkdir(parents=True)
+    refusal = f"{tmp_path}/checkpoint/7 is not a step of this project's checkpoint"
+    for attempt in (lambda: checkpoint.has_checkpoint(str(tmp_path / "checkpoint")),
+                    lambda: JAX.make().load(str(tmp_path / "checkpoint")),
+                    lambda: loop.fit(JaxTwin, cfg.ModelConfig(),
+                                     cfg.TrainConfig(out=str(tmp_path)))):
+        with pytest.raises(UserError, match=refusal):
+            attempt()
+    assert os.listdir(tmp_path / "checkpoint") == ["7"]
     JAX.make().save(str(tmp_path / "c"), 20)
     assert checkpoint.has_checkpoint(str(tmp_path / "c"))
 
@@ -149,4 +163,3 @@ def test_a_numbered_folder_newer_than_every_step_is_refused_and_hides_none(tmp_p
     (ckpt / "99").rename(ckpt / "5")  # older than the newest step: what a prune leaves
     assert checkpoint.has_checkpoint(str(ckpt))
     assert checkpoint.read_record(str(ckpt)).step == 20
-

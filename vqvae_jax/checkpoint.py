@@ -118,19 +118,18 @@ def _record(manager: ocp.CheckpointManager, step: int, path: str, kind: str | No
 
 def _newest_step(manager: ocp.CheckpointManager, path: str) -> int | None:
     """The newest step that holds this project's record, None if none. orbax takes any
-    folder named by a number for a step: one newer than our newest would be restored in its
-    place, and a fresh run would then write over (and prune) the steps it hides, so it is a
-    UserError, the folder left alone. (An older one is what an interrupted prune leaves, for
-    remove_partial_writes to delete.)"""
+    folder named by a number for a step: one newer than our newest (or there where we have
+    none) would be restored in its place, or count towards the KEEP steps a run keeps, and
+    a fresh run would write over the steps it hides, so it is a UserError, the folder left
+    alone. (An older one is what an interrupted prune leaves, for remove_partial_writes.)"""
     steps = manager.all_steps()
     ours = [step for step in steps if checkpoint_record.is_flax_step(os.path.join(path, str(step)))]
-    if not ours:
-        return None
-    if newer := sorted(step for step in steps if step > max(ours)):
-        raise UserError(f"{os.path.join(path, str(newer[0]))} is not a step of this "
+    newest = max(ours, default=None)
+    if foreign := sorted(step for step in steps if newest is None or step > newest):
+        raise UserError(f"{os.path.join(path, str(foreign[0]))} is not a step of this "
                         f"project's checkpoint (it holds no record), yet orbax would take it "
-                        f"for the newest one: move it out of {path}")
-    return max(ours)
+                        f"for one: move it out of {path}")
+    return newest
 
 
 @contextlib.contextmanager
