@@ -249,3 +249,14 @@ def test_a_new_version_of_a_cached_source_replaces_only_its_own_file(tmp_path, m
     data.write_cache(written[-1], np.zeros(3))
     assert set(os.listdir(folder)) == {os.path.basename(path) for path in written[1:]}
     data.write_cache(str(folder / "not-named-by-cache-file.npy"), np.zeros(3))  # no error
+
+
+def test_check_floats_refuses_integers_and_takes_every_float_bfloat16_included():
+    """numpy does not count bfloat16 as floating: an issubdtype check refused it."""
+    import ml_dtypes
+
+    for dtype in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16):
+        data.check_floats(np.zeros(2, dtype))
+    for dtype in (np.uint8, np.int32, bool, np.complex64):
+        with pytest.raises(ValueError, match=f"a batch of {np.dtype(dtype)} values"):
+            data.check_floats(np.zeros(2, dtype))

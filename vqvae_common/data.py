@@ -183,11 +183,13 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 def check_floats(batch: np.ndarray) -> None:
-    """A ValueError unless `batch` holds floats: what the twins take is images in [-1, 1]
-    (to_float's) or latents, and raw uint8 images read as [0, 255] give garbage."""
-    if not np.issubdtype(np.asarray(batch).dtype, np.floating):
-        raise ValueError(f"a batch of {np.asarray(batch).dtype} values: the model takes float "
-                         f"images in [-1, 1] (vqvae_common.data.to_float) or float latents")
+    """A ValueError where `batch` holds booleans, integers or complex numbers: the twins take
+    images in [-1, 1] (to_float's) or latents, and raw uint8 images read as [0, 255] give
+    garbage. (bfloat16, which numpy does not count as floating, passes.)"""
+    dtype = np.dtype(batch.dtype) if hasattr(batch, "dtype") else np.asarray(batch).dtype
+    if dtype.kind in "biuc":
+        raise ValueError(f"a batch of {dtype} values: the model takes float images in "
+                         f"[-1, 1] (vqvae_common.data.to_float) or float latents")
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
