@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if args.json is not None:
         cli.check_output_file(args.json, "--json", kind="JSON")
     if os.path.isfile(args.checkpoint):
-        from vqvae_torch.train import TorchTwin as Twin
+        from vqvae_torch.train import TorchTwin as Twin, deterministic
+        deterministic()  # the process is this tool's: its figures do not vary run to run
     elif os.path.isdir(args.checkpoint):
         from vqvae_jax.train import JaxTwin as Twin
     else:

@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> None:
     cli.check_output_file(args.out, "--out", kind="PNG")
     if os.path.isfile(args.prior):
         from vqvae_torch.prior_train import TorchPriorTwin as Twin
+        from vqvae_torch.train import deterministic
+        deterministic()  # the process is this tool's: its samples do not vary run to run
     elif os.path.isdir(args.prior):
         from vqvae_jax.prior_train import JaxPriorTwin as Twin
     else:

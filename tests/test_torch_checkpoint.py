@@ -99,6 +99,7 @@ def test_a_model_loaded_to_use_is_in_eval_mode_and_leaves_global_state_alone(tmp
     TORCH.make().save(path, 1)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(False)
+    workspace = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     try:
         draws = []
         for seed in (1, 2):
@@ -106,8 +107,11 @@ def test_a_model_loaded_to_use_is_in_eval_mode_and_leaves_global_state_alone(tmp
             twin = TorchTwin.from_checkpoint(path, device="cpu")
             draws.append(torch.rand(3))
             assert not torch.are_deterministic_algorithms_enabled()
+            assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
         torch.manual_seed(2)
         assert torch.equal(draws[1], torch.rand(3)) and not torch.equal(draws[0], draws[1])
     finally:
         torch.use_deterministic_algorithms(before)
+        if workspace is not None:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
     assert not twin.model.training and not any(m.training for m in twin.model.modules())

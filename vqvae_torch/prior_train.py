@@ -48,7 +48,7 @@ class TorchPriorTwin:
         self.config = common.complete(prior_cfg, self.vqvae.config, train_cfg.dataset,
                                       vqvae_fingerprint(self.vqvae))
         self.num_devices, self.device_kind = 1, self.vqvae.device_kind
-        torch.manual_seed(train_cfg.seed)
+        torch.default_generator.manual_seed(train_cfg.seed)  # initialised on the CPU
         self.model = PixelCNN(self.config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
         self.lr_schedule = train_cfg.lr_schedule

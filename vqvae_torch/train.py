@@ -42,16 +42,22 @@ def deterministic() -> None:
 
 @contextlib.contextmanager
 def caller_state_kept() -> Iterator[None]:
-    """PyTorch's global RNG and deterministic-algorithms flags as they were before: a twin
-    built to be used, not trained (from_checkpoint), leaves a library caller's own draws
-    and ops theirs."""
+    """PyTorch's CPU RNG, its deterministic-algorithms flags and CUBLAS_WORKSPACE_CONFIG as
+    they were before: a twin built to be used, not trained (from_checkpoint), leaves a
+    library caller's own draws and ops theirs. (A twin seeds the CPU generator alone, as
+    its model is initialised there, so no CUDA state is touched or initialised.)"""
     flags = (torch.are_deterministic_algorithms_enabled(),
              torch.is_deterministic_algorithms_warn_only_enabled())
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        with torch.random.fork_rng(devices=[]):
             yield
     finally:
         torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -119,8 +125,10 @@ class TorchTwin:
         """total_steps: the run's optimizer steps, over which --lr-schedule moves the rate."""
         self.device = distributed.local_device(select_device(train_cfg.device))
         deterministic()
-        torch.manual_seed(train_cfg.seed)
         self.config = model_cfg
+        # the CPU generator alone: the model is initialised there, and nothing random runs
+        # on the device
+        torch.default_generator.manual_seed(train_cfg.seed)
         self.model = VQVAE(model_cfg).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
         self.lr_schedule = train_cfg.lr_schedule
