@@ -99,7 +99,7 @@ def run(argv: Sequence[str] | None) -> None:
     if args.from_torch and args.out.endswith(".pt"):
         raise UserError(f"--out {args.out}: a Flax checkpoint is a directory: give it a name "
                         f"without .pt")
-    cli.check_output_file(args.out, "--out", new=True)
+    cli.check_output_file(args.out, "--out", new=True, file=bool(args.from_jax))
     converter = torch_to_flax if args.from_torch else flax_to_torch
     kind = converter(args.from_torch or args.from_jax, args.out)
     print(f"wrote {args.out}")

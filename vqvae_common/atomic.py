@@ -42,10 +42,10 @@ def remove_leftovers(directory: str) -> None:
             os.remove(entry.path)
 
 
-def cannot_make(path: str) -> str | None:
-    """Why `path` (a file or folder) cannot be made, with any folders missing above it: the
-    nearest existing one above is not a directory, a name is longer than its file system
-    allows (the last with SUFFIX, the name a file is first written under), or no file can
+def cannot_make(path: str, file: bool = True) -> str | None:
+    """Why `path` (a `file`, else a folder) cannot be made, with any folders missing above
+    it: the nearest existing one above is not a directory, a name is longer than its file
+    system allows (a file's with SUFFIX, the name it is first written under), or no file can
     be made in it, found by making (and removing) one, as permission bits do not tell for
     root, nor for file systems such as /proc. None where it can."""
     start = os.path.dirname(os.path.abspath(path))
@@ -55,9 +55,13 @@ def cannot_make(path: str) -> str | None:
         return f"{start} is not a directory"
     names = os.path.relpath(os.path.abspath(path), start).split(os.sep)
     longest = os.pathconf(start, "PC_NAME_MAX")
-    for name in (*names[:-1], names[-1] + SUFFIX):
-        if len(os.fsencode(name)) > longest:
-            return f"the name {name[:20]}... is longer than the {longest} bytes {start} allows"
+    for depth, name in enumerate(names, 1):
+        temporary = file and depth == len(names)  # first written under name + SUFFIX
+        size = len(os.fsencode(name + SUFFIX if temporary else name))
+        if size > longest:
+            written = f" written as {name[:8]}...{SUFFIX}" if temporary else ""
+            return (f"the name {name[:20]}... is {size} bytes{written}, over the {longest} "
+                    f"that {start} allows")
     try:
         with tempfile.NamedTemporaryFile(dir=start, prefix=".", suffix=SUFFIX):
             return None

@@ -268,14 +268,15 @@ def parse_prior(framework: str, argv: Sequence[str] | None = None
 OUTPUT_SIGNATURES = {"JSON": b"{", "PNG": b"\x89PNG\r\n\x1a\n"}
 
 
-def check_output_file(path: str, flag: str, new: bool = False, kind: str | None = None
-                      ) -> None:
+def check_output_file(path: str, flag: str, new: bool = False, kind: str | None = None,
+                      file: bool = True) -> None:
     """A UserError, before any work is done, where `path` cannot be written: empty, its
     directory missing or one where no file can be made, or `path` a directory, inside a
     run's folders (checkpoint/, tensorboard/: the run's own) or a Flax checkpoint, a record
     or picture of the run in its folder, or an existing file that is not of the `kind`
     written there (OUTPUT_SIGNATURES). A `new` path must not exist, and only its nearest
-    existing ancestor must be a writable directory (the writer makes the rest)."""
+    existing ancestor must be a writable directory (the writer makes the rest). `file`
+    False: a folder is written there (a Flax checkpoint)."""
     if not path:
         raise UserError(f"{flag} is empty: name the file to write")
     directory = os.path.dirname(os.path.abspath(path))  # abspath: "x/" -> "x"
@@ -283,7 +284,7 @@ def check_output_file(path: str, flag: str, new: bool = False, kind: str | None 
     reason = None
     if not new and not os.path.isdir(directory):
         reason = f"{directory} is not a directory"
-    elif (cannot := atomic.cannot_make(path)) is not None:
+    elif (cannot := atomic.cannot_make(path, file)) is not None:
         reason = cannot
     elif around is not None and around != os.path.realpath(directory):
         reason = (f"it lies inside the run in {around}, whose folders are its own: write "

@@ -486,7 +486,7 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
         raise UserError("--out is empty: name the run's folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a directory")
-    if not os.path.exists(out) and (cannot := atomic.cannot_make(out)) is not None:
+    if not os.path.exists(out) and (cannot := atomic.cannot_make(out, file=False)) is not None:
         # made only once the data has loaded, so asked here
         raise UserError(f"cannot create output directory {out}: {cannot}")
     if (around := cfg.run_around(out)) is not None:
