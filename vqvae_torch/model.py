@@ -216,7 +216,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_codebook(self, codebook: torch.Tensor | np.ndarray) -> None:
-        """codebook <- the given (K, D); the EMA averages restart from it."""
+        """codebook <- a copy of the given (K, D); the EMA averages restart from it."""
         self.codebook.copy_(torch.as_tensor(codebook))
         self._restart_ema(torch.ones_like(self.usage, dtype=torch.bool))
 
