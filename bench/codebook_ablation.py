@@ -36,14 +36,16 @@ COLUMNS = ("psnr", "psnr_8bit", "ssim", "perplexity", "codes_used")
 
 
 def codebook_recipes(preset: ModelConfig) -> dict[str, tuple[ModelConfig, dict]]:
-    """name -> (model config, TrainConfig fields), for every combination."""
+    """name -> (model config, TrainConfig fields), for every combination, at the settings
+    the study was run under (the defaults of its day): beta 1.0, lr 3e-4 constant."""
     result = {}
     for update, restarts, init in itertools.product(("grad", "ema"), (False, True),
                                                     ("uniform", "kmeans")):
         name = f"{update}, {'restarts' if restarts else 'no restarts'}, {init}"
         below = 0.01 if restarts else 0.0
-        result[name] = (dataclasses.replace(preset, codebook_update=update,
-                                            restart_below=below), {"codebook_init": init})
+        result[name] = (dataclasses.replace(preset, codebook_update=update, beta=1.0,
+                                            restart_below=below),
+                        {"codebook_init": init, "lr": 3e-4, "lr_schedule": "constant"})
     return result
 
 
