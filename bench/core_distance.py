@@ -15,6 +15,7 @@ measure.
 """
 from __future__ import annotations
 
+import argparse
 import mmap
 import os
 import signal
@@ -157,6 +158,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--respond"]:
         respond(int(sys.argv[2]), int(sys.argv[3]))
     else:
+        argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
         with CoreDistance() as probe:
             print(f"CPUs {probe.cpus}: cache-line round trip, ns")
             for _ in range(10):
