@@ -51,7 +51,8 @@ def save(path: str, step: int, state: nnx.State, meta: dict[str, Any]) -> None:
 
 def has_checkpoint(path: str) -> bool:
     """Whether `path` holds a complete step (a temporary folder is not one) with this
-    project's record; a numbered folder without one, newer than every step, is refused."""
+    project's record; a numbered folder without one, newer than every step (or where there
+    is none), is refused: _newest_step."""
     if not os.path.isdir(path):
         return False
     with _manager(path) as manager:
@@ -125,8 +126,8 @@ def _newest_step(manager: ocp.CheckpointManager, path: str) -> int | None:
     steps = manager.all_steps()
     ours = [step for step in steps if checkpoint_record.is_flax_step(os.path.join(path, str(step)))]
     newest = max(ours, default=None)
-    if foreign := sorted(step for step in steps if newest is None or step > newest):
-        raise UserError(f"{os.path.join(path, str(foreign[0]))} is not a step of this "
+    if foreign := [step for step in steps if newest is None or step > newest]:
+        raise UserError(f"{os.path.join(path, str(min(foreign)))} is not a step of this "
                         f"project's checkpoint (it holds no record), yet orbax would take it "
                         f"for one: move it out of {path}")
     return newest

@@ -264,6 +264,7 @@ class JaxTwin:
         return to_host(self._decode(self.state, self._put(latents)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        # integer indices: not _put's, which takes float images and latents only
         return to_host(self._decode_codes(self.state, self._assemble(
             np.asarray(codes, np.int32), self.replicated, None)))
 
