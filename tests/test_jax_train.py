@@ -27,7 +27,9 @@ def test_the_train_step_compiles_once():
 
 def test_the_cpu_step_leaves_convolutions_to_xla_and_dots_to_ynnpack():
     """vqvae_jax.xla_cpu.COMPILER_OPTIONS reach the compiled CPU step: its convolutions are
-    XLA's own (measured faster than YNNPACK's here), its dots still YNNPACK fusions."""
+    XLA's own (measured faster than YNNPACK's here), its dots still YNNPACK fusions, and its
+    optimization barriers kept (the strided kernel gradients' operands, the argmin's
+    distances)."""
     twin = JaxTwin(ModelConfig(in_channels=1, hidden=8, num_codes=16), TrainConfig(device="cpu"))
     batch = np.zeros((8, 28, 28, 1), np.float32)
     hlo = twin._train_step.lower(twin.state, twin._put(batch)).compile().as_text()
@@ -37,7 +39,7 @@ def test_the_cpu_step_leaves_convolutions_to_xla_and_dots_to_ynnpack():
     assert any(" dot(" in body for body in bodies)
     assert not any(" convolution(" in body for body in bodies)
     assert " convolution(" in hlo
-
+    assert " opt-barrier(" in hlo
 
 
 def test_k_steps_in_one_scan_equal_k_single_steps():

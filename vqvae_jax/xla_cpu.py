@@ -162,6 +162,20 @@ def _strided_conv_transpose(w: jax.Array, y: jax.Array, x_shape: tuple[int, ...]
 
 
 def _strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
+    """XLA's kernel gradient of the strided conv, its operands read from memory.
+
+    XLA:CPU runs it as a conv that contracts over the batch, so it first transposes x to
+    (I, H, W, B) and dy to (h, v, B, O). Left to itself, XLA fuses those transposes with the
+    elementwise ops that made x and dy (BatchNorm, ReLU, their backward), and its loop
+    emitter runs a transpose with anything fused into it 2-3x slower than a plain one: at
+    MNIST's (64, 14, 14, 128) a plain transpose took 0.91 ms, the same behind a fused ReLU
+    2.11 ms (jitted alone, one process, interleaved; Intel Xeon, 2 cores). The barrier keeps
+    x and dy materialized, so that the transposes are plain copies; COMPILER_OPTIONS keep
+    XLA from removing it (cse_barrier_expander). Whole step, one process, interleaved with
+    PyTorch eager: MNIST 0.968 and 0.984 of the step without it (21 rounds each), CIFAR-10
+    0.977 (11 rounds); bench/results_speed_log.md, stop 44.
+    """
+    x, dy = jax.lax.optimization_barrier((x, dy))
     _, kernel_vjp = jax.vjp(lambda w: _xla_conv(x, w, (2, 2), PAD1), w)
     return kernel_vjp(dy)[0]
 
@@ -245,9 +259,11 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides: Sequence[in
 
 
 # YNNPACK takes XLA:CPU's dots and reductions (its default) but not its convolutions
-# (see the module docstring): jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU.
+# (see the module docstring), and the optimization barriers stay (_strided_conv_kernel_grad):
+# jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+                    "xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def first_argmin(distances: jax.Array) -> jax.Array:
@@ -263,7 +279,8 @@ def first_argmin(distances: jax.Array) -> jax.Array:
     76.2 -> 72.5 ms on two.
 
     - Both reductions read one materialized copy of the distances (the optimization
-      barrier), so the compare meets exactly the value the min returned, whatever XLA fuses.
+      barrier, which XLA:CPU removes before fusing unless COMPILER_OPTIONS keep it), so the
+      compare meets exactly the value the min returned, whatever XLA fuses.
     - NaNs are masked out of the min and ranked first in the integer min (index k for a
       NaN, K + k for a minimum), not left to the min's own NaN rule: XLA:CPU's YNNPACK
       reduction drops NaNs (jnp.min of a (300, 37) row holding one NaN gave 0.0).
