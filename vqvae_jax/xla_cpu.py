@@ -42,6 +42,8 @@ with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afres
   Again on Zen 5 (full-width AVX-512; one process, interleaved), YNNPACK / Eigen: 4x4/2
   forward 5.69 / 3.84 ms, its phase-conv input gradient 7.07 / 4.02, its kernel gradient
   6.69 / 5.79, 3x3 forward 2.48 / 2.10, 3x3 kernel gradient 3.38 / 2.20: Eigen still.
+  They also keep the optimization barriers XLA:CPU would remove before fusing (its
+  cse_barrier_expander pass): see _strided_conv_kernel_grad and first_argmin.
 - The page faults: vqvae_common.host_memory.keep_freed_memory, which the trainers call
   (cli.main) before JAX starts, has glibc keep the freed temporary buffer for the next
   call. MNIST step, trainings paused: 99.3 -> 85.1 ms (0 page faults).
