@@ -1,0 +1,139 @@
+"""Where the Flax CPU train step's time goes, op by op, by XLA's own trace.
+
+    python bench/xla_op_profile.py [--dataset mnist|cifar10] [--steps 10] [--top 30]
+                                   [--json OUT]
+
+Compiles JaxTwin's train step with `xla_cpu_enable_xprof_traceme` added to its compile
+options (only this step is traced), runs --steps steps under jax.profiler after a warm-up,
+and reads the trace's .trace.json.gz: each XLA op's wall time on the thread that ran it,
+per step, joined to the optimized HLO for the op's shape and the JAX operation it came from.
+Prints the ops by time and the totals by kind. Each op runs once a step, so an op's figure
+is its events' total over the steps.
+
+Read with care:
+- XLA:CPU runs its (Eigen) convolutions asynchronously on its thread pool: their events time
+  the launch, not the work (encoder.conv2's forward, 0.8 GFLOP, read 0.33 ms on a 2-core
+  machine), so they are listed, and totalled apart, as launches. bench/layers_vs_torch.py
+  times the convolutions, layer by layer.
+- Ops on XLA's two threads overlap; the totals are thread time, not the step's wall time.
+- A fused transpose (a `transpose_copy` fusion with elementwise ops inside) was the find of
+  stop 44 (vqvae_jax.xla_cpu._strided_conv_kernel_grad): compare it with a plain one.
+
+A measurement, never a test: run it with nothing else running.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from vqvae_common import data, host_memory
+from vqvae_common.config import DATASETS, TrainConfig
+from vqvae_jax import xla_cpu
+from vqvae_jax.train import JaxTwin
+
+KINDS = (("convolution (launch only)", re.compile(r"^conv(olution|_general)")),
+         ("YNNPACK fusion", re.compile(r"^ynn_fusion")),
+         ("transpose or copy", re.compile(r"^(transpose|copy)")),
+         ("other loop fusion", re.compile(r"")))
+
+
+def kind(op: str) -> str:
+    return next(name for name, pattern in KINDS if pattern.search(op))
+
+
+def traced_twin(dataset: str) -> JaxTwin:
+    """JaxTwin whose jits get the traceme option beside xla_cpu.COMPILER_OPTIONS."""
+    options = xla_cpu.COMPILER_OPTIONS
+    xla_cpu.COMPILER_OPTIONS = {**options, "xla_cpu_enable_xprof_traceme": True}
+    try:
+        return JaxTwin(DATASETS[dataset].preset, TrainConfig(dataset=dataset, device="cpu"))
+    finally:
+        xla_cpu.COMPILER_OPTIONS = options
+
+
+def trace_events(trace_dir: str) -> list[dict]:
+    """The complete events ('X') on XLA's CPU threads, Python's and the client's left out."""
+    (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X"
+            and "XLAEigen" in threads.get((e["pid"], e["tid"]), "")
+            and not e["name"].startswith("ThunkExecutor")]
+
+
+def hlo_facts(hlo: str) -> dict[str, tuple[str, str]]:
+    """Op name -> (result shape, the JAX operation it came from) in the optimized HLO."""
+    facts = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+)", line)
+        if m:
+            source = re.search(r'op_name="jit\(train_step\)/([^"]*)"', line)
+            shape = m.group(2).split("{")[0]  # the layout left out
+            facts[m.group(1)] = (shape, source.group(1) if source else "")
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
+    parser.add_argument("--steps", type=int, default=10, help="traced steps")
+    parser.add_argument("--top", type=int, default=30, help="ops to print")
+    parser.add_argument("--json", default=None, help="write every op's figures here")
+    args = parser.parse_args()
+    host_memory.keep_freed_memory()  # as the trainers do, before JAX allocates
+
+    twin = traced_twin(args.dataset)
+    rng = np.random.default_rng(0)
+    batch = data.to_float(rng.integers(0, 256, (64, *DATASETS[args.dataset].image_shape),
+                                       dtype=np.uint8))
+    hlo = twin._train_step.lower(twin.state, twin._put(batch)).compile().as_text()
+    for _ in range(5):  # compile, then settle the allocator and the thread pool
+        twin.fetch(twin.train_step(batch))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            twin.fetch(twin.train_step(batch))
+        step_ms = (time.perf_counter() - start) / args.steps * 1e3
+        jax.profiler.stop_trace()
+        events = trace_events(trace_dir)
+
+    per_step = collections.Counter()
+    for e in events:
+        per_step[e["name"]] += e["dur"] / 1e3 / args.steps  # us -> ms a step
+    facts = hlo_facts(hlo)
+    ops = [{"op": op, "ms_per_step": ms, "kind": kind(op),
+            "shape": facts.get(op, ("?", ""))[0], "from": facts.get(op, ("?", ""))[1]}
+           for op, ms in per_step.most_common()]
+    totals = collections.Counter()
+    for row in ops:
+        totals[row["kind"]] += row["ms_per_step"]
+
+    print(f"{args.dataset} Flax train step, batch 64, {args.steps} traced steps: "
+          f"{step_ms:.1f} ms a step (wall, tracing on)")
+    print(f"{'op':32} {'ms/step':>8}  {'kind':26} {'shape':24} from")
+    for row in ops[:args.top]:
+        print(f"{row['op'][:32]:32} {row['ms_per_step']:8.3f}  {row['kind']:26} "
+              f"{row['shape'][:24]:24} {row['from'][:60]}")
+    print("thread time a step by kind: " + ", ".join(
+        f"{name} {totals[name]:.1f} ms" for name, _ in KINDS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dataset": args.dataset, "steps": args.steps, "step_ms": step_ms,
+                       "ms_per_step_by_kind": totals, "ops": ops}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
