@@ -6,18 +6,18 @@
 Compiles JaxTwin's train step with `xla_cpu_enable_xprof_traceme` added to its compile
 options (only this step is traced), runs --steps steps under jax.profiler after a warm-up,
 and reads the trace's .trace.json.gz: each XLA op's wall time on the thread that ran it,
-per step, joined to the optimized HLO for the op's shape and the JAX operation it came from.
-Prints the ops by time and the totals by kind. Each op runs once a step, so an op's figure
-is its events' total over the steps.
+joined to the optimized HLO for the op's shape and the JAX operation it came from. Each op
+runs once a step: its figure is its events' total divided by --steps. Prints the ops by time
+and the totals by kind.
 
 Read with care:
 - XLA:CPU runs its (Eigen) convolutions asynchronously on its thread pool: their events time
-  the launch, not the work (encoder.conv2's forward, 0.8 GFLOP, read 0.33 ms on a 2-core
+  the launch, not the work (encoder.conv2's forward, 1.6 GFLOP, read 0.33 ms on a 2-core
   machine), so they are listed, and totalled apart, as launches. bench/layers_vs_torch.py
   times the convolutions, layer by layer.
 - Ops on XLA's two threads overlap; the totals are thread time, not the step's wall time.
-- A fused transpose (a `transpose_copy` fusion with elementwise ops inside) was the find of
-  stop 44 (vqvae_jax.xla_cpu._strided_conv_kernel_grad): compare it with a plain one.
+- Events that match no op of the optimized HLO (the runtime's own) are left out.
+- What a fused transpose costs, and why: vqvae_jax.xla_cpu._strided_conv_kernel_grad.
 
 A measurement, never a test: run it with nothing else running.
 """
@@ -44,7 +44,7 @@ from vqvae_jax.train import JaxTwin
 KINDS = (("convolution (launch only)", re.compile(r"^conv(olution|_general)")),
          ("YNNPACK fusion", re.compile(r"^ynn_fusion")),
          ("transpose or copy", re.compile(r"^(transpose|copy)")),
-         ("other loop fusion", re.compile(r"")))
+         ("other", re.compile(r"")))
 
 
 def kind(op: str) -> str:
@@ -52,7 +52,8 @@ def kind(op: str) -> str:
 
 
 def traced_twin(dataset: str) -> JaxTwin:
-    """JaxTwin whose jits get the traceme option beside xla_cpu.COMPILER_OPTIONS."""
+    """JaxTwin whose jits get the traceme option beside xla_cpu.COMPILER_OPTIONS, which
+    JaxTwin reads when it is made."""
     options = xla_cpu.COMPILER_OPTIONS
     xla_cpu.COMPILER_OPTIONS = {**options, "xla_cpu_enable_xprof_traceme": True}
     try:
@@ -61,26 +62,23 @@ def traced_twin(dataset: str) -> JaxTwin:
         xla_cpu.COMPILER_OPTIONS = options
 
 
-def trace_events(trace_dir: str) -> list[dict]:
-    """The complete events ('X') on XLA's CPU threads, Python's and the client's left out."""
+def trace_events(trace_dir: str, ops: dict) -> list[dict]:
+    """The complete events ('X') of the optimized HLO's ops, on whichever thread ran them
+    (XLA's pool, or the client thread that started the program)."""
     (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
     with gzip.open(path) as f:
         trace = json.load(f)
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    return [e for e in trace["traceEvents"] if e.get("ph") == "X"
-            and "XLAEigen" in threads.get((e["pid"], e["tid"]), "")
-            and not e["name"].startswith("ThunkExecutor")]
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["name"] in ops]
 
 
 def hlo_facts(hlo: str) -> dict[str, tuple[str, str]]:
     """Op name -> (result shape, the JAX operation it came from) in the optimized HLO."""
     facts = {}
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+)", line)
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ", line)
         if m:
             source = re.search(r'op_name="jit\(train_step\)/([^"]*)"', line)
-            shape = m.group(2).split("{")[0]  # the layout left out
+            shape = re.sub(r"\{[^}]*\}", "", m.group(2))  # the layouts left out
             facts[m.group(1)] = (shape, source.group(1) if source else "")
     return facts
 
@@ -92,6 +90,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30, help="ops to print")
     parser.add_argument("--json", default=None, help="write every op's figures here")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     host_memory.keep_freed_memory()  # as the trainers do, before JAX allocates
 
     twin = traced_twin(args.dataset)
@@ -101,19 +101,18 @@ def main() -> None:
     hlo = twin._train_step.lower(twin.state, twin._put(batch)).compile().as_text()
     for _ in range(5):  # compile, then settle the allocator and the thread pool
         twin.fetch(twin.train_step(batch))
+    facts = hlo_facts(hlo)
     with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            twin.fetch(twin.train_step(batch))
-        step_ms = (time.perf_counter() - start) / args.steps * 1e3
-        jax.profiler.stop_trace()
-        events = trace_events(trace_dir)
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                twin.fetch(twin.train_step(batch))
+            step_ms = (time.perf_counter() - start) / args.steps * 1e3
+        events = trace_events(trace_dir, facts)
 
     per_step = collections.Counter()
     for e in events:
         per_step[e["name"]] += e["dur"] / 1e3 / args.steps  # us -> ms a step
-    facts = hlo_facts(hlo)
     ops = [{"op": op, "ms_per_step": ms, "kind": kind(op),
             "shape": facts.get(op, ("?", ""))[0], "from": facts.get(op, ("?", ""))[1]}
            for op, ms in per_step.most_common()]

@@ -26,8 +26,8 @@ _strided_conv_transpose: strided_conv 1.02-1.05x and 1.00-1.17x, conv_transpose 
 and 2.9-26.6x.)
 
 Two settings of XLA:CPU itself, found by XLA's own per-op profile of the MNIST step
-(jax.profiler with --xla_cpu_enable_xprof_traceme, joined to --xla_dump_to's optimized HLO;
-2-core CPU shared with two nice-19 trainings, summed over XLA's threads per step): the
+(jax.profiler with --xla_cpu_enable_xprof_traceme, joined to --xla_dump_to's optimized HLO,
+as bench/xla_op_profile.py now does; 2-core CPU shared with two nice-19 trainings, summed over XLA's threads per step): the
 convolutions took 139 of 200 ms, all of them YNNPACK fusions (jax 0.10.2's default fusion
 types are DOT, INDIVIDUAL_CONVOLUTION and REDUCE); 4x4/2 convs and kernel gradients ran at
 100-150 GFLOP/s; and simple elementwise fusions over a 6 MiB activation took 2-7 ms each,
@@ -261,8 +261,9 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides: Sequence[in
 
 
 # YNNPACK takes XLA:CPU's dots and reductions (its default) but not its convolutions
-# (see the module docstring), and the optimization barriers stay (_strided_conv_kernel_grad):
-# jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU.
+# (see the module docstring), and the optimization barriers stay (_strided_conv_kernel_grad,
+# first_argmin): jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU. A jit's
+# xla_disable_hlo_passes takes the place of one given in XLA_FLAGS.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
                     "xla_disable_hlo_passes": "cse_barrier_expander"}
@@ -281,8 +282,11 @@ def first_argmin(distances: jax.Array) -> jax.Array:
     76.2 -> 72.5 ms on two.
 
     - Both reductions read one materialized copy of the distances (the optimization
-      barrier, which XLA:CPU removes before fusing unless COMPILER_OPTIONS keep it), so the
-      compare meets exactly the value the min returned, whatever XLA fuses.
+      barrier), so the compare meets exactly the value the min returned, whatever XLA
+      fuses. XLA:CPU removes the barrier before fusing unless the jit passes
+      COMPILER_OPTIONS, as JaxTwin's do; without them (in this jaxlib) the distances reach
+      both reductions from one YNNPACK fusion of the matmul and its adds, which XLA does
+      not recompute.
     - NaNs are masked out of the min and ranked first in the integer min (index k for a
       NaN, K + k for a minimum), not left to the min's own NaN rule: XLA:CPU's YNNPACK
       reduction drops NaNs (jnp.min of a (300, 37) row holding one NaN gave 0.0).
