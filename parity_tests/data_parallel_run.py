@@ -16,6 +16,7 @@ starts, so the test runs each twin in processes of their own.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -37,6 +38,7 @@ def jax_run(given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from parity_tests.twins import flax_state
     from vqvae_jax import checkpoint
     from vqvae_jax import train as jax_train
+    from vqvae_jax import xla_cpu
 
     jax.config.update("jax_enable_x64", True)
     twin = jax_train.JaxTwin(MODEL, TRAIN)
@@ -47,7 +49,7 @@ def jax_run(given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     state = jax.device_put(nnx.state((model, optimizer)), twin.replicated)
     audit = Audit()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options(twin.device))
     def step(state, batch, reference, number):
         with follow(reference, audit, number):  # active while tracing; each call its own
             return jax_train.train_step(twin.graphdef, state, batch)

@@ -8,6 +8,7 @@ side of 0 at every ReLU; `Pair.audit` proves each such case a tie (parity_tests/
 from __future__ import annotations
 
 import copy
+import functools
 
 import jax
 import numpy as np
@@ -20,6 +21,7 @@ from vqvae_common.config import ModelConfig, learning_rate
 from vqvae_jax import checkpoint as jax_checkpoint
 from vqvae_jax import model as jax_model
 from vqvae_jax import train as jax_train
+from vqvae_jax import xla_cpu
 from vqvae_torch import model as torch_model
 from vqvae_torch import train as torch_train
 from vqvae_torch.train import to_numpy, to_tensor
@@ -191,7 +193,7 @@ def train_flax(model: jax_model.VQVAE, batches: list[np.ndarray], references: li
     state = jax.device_put(state, device)  # committed, as the step's outputs: else step 2
     #                                        compiles the step again (1.8 s)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options(device))
     def step(state: nnx.State, batch: jax.Array, reference: jax.Array, number: jax.Array):
         with follow(reference, audit, number):  # active while tracing: each call follows its own
             return jax_train.train_step(graphdef, state, batch)

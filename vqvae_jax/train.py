@@ -187,8 +187,7 @@ class JaxTwin:
         # committed to the devices, like the step's outputs: an uncommitted first state
         # compiled the step a second time at step 2 (4.8 s on a 2-core CPU)
         self.state = jax.device_put(state, self.replicated)
-        jit = functools.partial(jax.jit, compiler_options=(
-            xla_cpu.COMPILER_OPTIONS if self.device.platform == "cpu" else None))
+        jit = functools.partial(jax.jit, compiler_options=xla_cpu.compiler_options(self.device))
         self._train_step = jit(functools.partial(train_step, self.graphdef), donate_argnums=0)
         self.steps_per_call = train_cfg.steps_per_call
         self._train_steps = jit(functools.partial(

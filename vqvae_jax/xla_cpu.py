@@ -269,6 +269,12 @@ COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
+def compiler_options(device: jax.Device) -> dict[str, str] | None:
+    """jax.jit's compiler_options for a program on `device`: COMPILER_OPTIONS on a CPU, where
+    they were measured; XLA's own elsewhere."""
+    return COMPILER_OPTIONS if device.platform == "cpu" else None
+
+
 def first_argmin(distances: jax.Array) -> jax.Array:
     """jnp.argmin(distances, 1) for (N, K) distances, the same indices: the first index of
     each row's minimum, or of its first NaN if it has one. model.nearest_codes uses it on
