@@ -27,11 +27,12 @@ and 2.9-26.6x.)
 
 Two settings of XLA:CPU itself, found by XLA's own per-op profile of the MNIST step
 (jax.profiler with --xla_cpu_enable_xprof_traceme, joined to --xla_dump_to's optimized HLO,
-as bench/xla_op_profile.py now does; 2-core CPU shared with two nice-19 trainings, summed over XLA's threads per step): the
-convolutions took 139 of 200 ms, all of them YNNPACK fusions (jax 0.10.2's default fusion
-types are DOT, INDIVIDUAL_CONVOLUTION and REDUCE); 4x4/2 convs and kernel gradients ran at
-100-150 GFLOP/s; and simple elementwise fusions over a 6 MiB activation took 2-7 ms each,
-with 27,000 minor page faults a step: the 110 MiB temporary buffer, mapped afresh per call.
+as bench/xla_op_profile.py now does; 2-core CPU shared with two nice-19 trainings, summed
+over XLA's threads per step): the convolutions took 139 of 200 ms, all of them YNNPACK
+fusions (jax 0.10.2's default fusion types are DOT, INDIVIDUAL_CONVOLUTION and REDUCE); 4x4/2
+convs and kernel gradients ran at 100-150 GFLOP/s; and simple elementwise fusions over a 6
+MiB activation took 2-7 ms each, with 27,000 minor page faults a step: the 110 MiB temporary
+buffer, mapped afresh per call.
 
 - COMPILER_OPTIONS: YNNPACK keeps the dots and reductions, XLA's own (Eigen) convolutions
   take the convolutions. Per op (contended, interleaved, MNIST shapes), YNNPACK / Eigen:
