@@ -2,6 +2,7 @@
 convolutions, each on both its plain XLA path and its fast CPU path (vqvae_jax/xla_cpu.py),
 and the quantizer's HIGHEST-precision distance matmul. What both twins' models share is
 tested once for both in tests/test_model.py."""
+import functools
 import re
 
 import jax
@@ -311,18 +312,20 @@ def test_quantizer_distances_use_highest_precision(block, monkeypatch):
         assert all(p == jax.lax.Precision.HIGHEST for p in operands), precision
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [None, jax.jit, functools.partial(
+    jax.jit, compiler_options=xla_cpu.COMPILER_OPTIONS)], ids=["eager", "jit", "jit-as-twin"])
 def test_first_argmin_is_argmin_with_ties_infinities_and_nans(jit):
     """nearest_codes' argmin (vqvae_jax.xla_cpu.first_argmin, the faster formulation of
     jnp.argmin on XLA's CPU backend) gives jnp.argmin's indices: the first of tied minima,
-    the first NaN of a row that has one, 0 for a row all +inf."""
+    the first NaN of a row that has one, 0 for a row all +inf. Eager, jitted, and jitted as
+    JaxTwin jits on a CPU (its barrier kept)."""
     rng = np.random.default_rng(0)
     d = rng.integers(0, 6, (300, 37)).astype(np.float32)  # many exact ties
     d[5, 3], d[6, :] = np.nan, np.inf
     d[7, [2, 9]], d[8, :] = np.nan, np.nan
     d[9, 4], d[10, 30] = -np.inf, -np.inf
     d[11, :] = 0
-    argmin = jax.jit(xla_cpu.first_argmin) if jit else xla_cpu.first_argmin
+    argmin = jit(xla_cpu.first_argmin) if jit else xla_cpu.first_argmin
     got, want = np.asarray(argmin(jnp.asarray(d))), np.asarray(jnp.argmin(jnp.asarray(d), 1))
     np.testing.assert_array_equal(got, want)
     assert got.dtype == want.dtype
