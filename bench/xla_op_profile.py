@@ -113,9 +113,8 @@ def main() -> None:
     per_step = collections.Counter()
     for e in events:
         per_step[e["name"]] += e["dur"] / 1e3 / args.steps  # us -> ms a step
-    ops = [{"op": op, "ms_per_step": ms, "kind": kind(op),
-            "shape": facts.get(op, ("?", ""))[0], "from": facts.get(op, ("?", ""))[1]}
-           for op, ms in per_step.most_common()]
+    ops = [{"op": op, "ms_per_step": ms, "kind": kind(op), "shape": facts[op][0],
+            "from": facts[op][1]} for op, ms in per_step.most_common()]
     totals = collections.Counter()
     for row in ops:
         totals[row["kind"]] += row["ms_per_step"]
