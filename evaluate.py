@@ -45,16 +45,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def trained_on(checkpoint: str, model_cfg: config.ModelConfig) -> str | None:
     """The dataset recorded in the config.json beside `checkpoint`, if that file is a
     training run's config for this very model (a converted checkpoint may sit beside an
-    unrelated one)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    try:
-        with open(path) as f:
-            run_model, run_train = config.from_json(f.read())
-    except (OSError, ValueError, KeyError, TypeError, UserError):  # absent, or not a
-        return None  # VQ-VAE run's config (a prior's, say: a checkpoint converted into it)
-    if run_model != model_cfg or run_train.dataset not in config.DATASETS:
+    unrelated one). Only the model and the dataset are read: a training flag that today's
+    bounds refuse does not hide them."""
+    recorded = config.read_run(os.path.dirname(os.path.abspath(checkpoint)))
+    try:  # absent, or not a VQ-VAE run's config (a prior's, say: a checkpoint converted
+        #   into it)
+        run_model, dataset = config.model_config(recorded["model"]), recorded["train"]["dataset"]
+        return dataset if run_model == model_cfg and dataset in config.DATASETS else None
+    except (KeyError, TypeError, UserError):
         return None
-    return run_train.dataset
 
 
 def choose_dataset(requested: str | None, checkpoint: str, model_cfg: config.ModelConfig

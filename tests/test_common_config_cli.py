@@ -14,6 +14,7 @@ import pytest
 
 from vqvae_common import cli, config, loop
 from vqvae_common.errors import UserError
+from vqvae_common.prior import PriorConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,6 +189,26 @@ def test_every_default_lies_within_its_bounds():
                     assert value is None or low <= value <= high, field.name
 
 
+@pytest.mark.parametrize("build, message", [
+    (lambda: config.TrainConfig(batch_size=0),
+     r"TrainConfig.batch_size must lie in \[1, 65536\], not 0"),
+    (lambda: dataclasses.replace(config.TrainConfig(), epochs=0), r"TrainConfig.epochs"),
+    (lambda: config.TrainConfig(lr_schedule="step"),
+     "TrainConfig.lr_schedule must be one of constant, cosine, not 'step'"),
+    (lambda: config.ModelConfig(beta=float("nan")), r"ModelConfig.beta must lie in .*not nan"),
+    (lambda: config.ModelConfig(num_codes="512"), r"ModelConfig.num_codes .*not '512'"),
+    (lambda: PriorConfig(channels=0), r"PriorConfig.channels must lie in \[1, 4096\]"),
+], ids=["batch_size", "replace", "choices", "nan", "type", "prior"])
+def test_a_config_built_in_python_is_held_to_its_flags_bounds(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_recorded_model_config_out_of_bounds_is_a_user_error():
+    with pytest.raises(UserError, match="unknown model config"):
+        config.model_config({"hidden": 0})
+
+
 def test_each_preset_takes_its_datasets_channels():
     for dataset in config.DATASETS.values():
         assert dataset.preset.in_channels == dataset.image_shape[2]
@@ -202,9 +223,11 @@ def evaluate():
     return module
 
 
-def _run_config(directory, model, dataset):
-    (directory / "config.json").write_text(
-        config.to_json(model, config.TrainConfig(dataset=dataset)))
+def _run_config(directory, model, dataset, **train):
+    record = json.loads(config.to_json(model, config.TrainConfig()))
+    record["train"].update(dataset=dataset, **train)  # written by hand: a dataset a test added may be
+    #   one that TrainConfig's choices do not hold
+    (directory / "config.json").write_text(json.dumps(record))
 
 
 def test_evaluate_takes_the_dataset_from_the_runs_config(evaluate, tmp_path, monkeypatch):
@@ -217,6 +240,8 @@ def test_evaluate_takes_the_dataset_from_the_runs_config(evaluate, tmp_path, mon
     with pytest.raises(UserError, match="pass --dataset"):
         evaluate.choose_dataset(None, checkpoint, model)
     _run_config(tmp_path, model, "fashion_mnist")
+    assert evaluate.choose_dataset(None, checkpoint, model).name == "fashion_mnist"
+    _run_config(tmp_path, model, "fashion_mnist", eval_images=1)  # a bound added later
     assert evaluate.choose_dataset(None, checkpoint, model).name == "fashion_mnist"
     assert evaluate.choose_dataset("mnist", checkpoint, model).name == "mnist"  # --dataset wins
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,23 @@ def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
     negative one)."""
     return dataclasses.field(default=default,
                              metadata={"help": help, "bounds": bounds, "choices": choices})
+
+
+def check_flags(config: Any) -> None:
+    """A ValueError naming the first flag field of a config dataclass whose value lies
+    outside its choices or bounds: a config built in Python is held to what the command
+    line refuses (None, where a flag's default is None, stands for that default)."""
+    for field in dataclasses.fields(config):
+        value, bounds, choices = (getattr(config, field.name), field.metadata.get("bounds"),
+                                  field.metadata.get("choices"))
+        name = f"{type(config).__name__}.{field.name}"
+        if value is None:
+            continue
+        if choices and value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        if bounds and not (isinstance(value, (int, float)) and math.isfinite(value)
+                           and bounds[0] <= value <= bounds[1]):
+            raise ValueError(f"{name} must lie in [{bounds[0]}, {bounds[1]}], not {value!r}")
 
 
 def option(name: str) -> str:
@@ -72,6 +90,9 @@ class ModelConfig:
                                   "per training step (--codebook-update ema)", (0.0, 0.99999))
     ema_epsilon: float = flag(1e-5, "Laplace smoothing of the EMA codebook's counts, so that "
                                     "a code assigned nothing divides by no zero", (1e-12, 1.0))
+
+    def __post_init__(self) -> None:
+        check_flags(self)
 
 
 # What a checkpoint recorded before a ModelConfig field existed meant: the model it holds
@@ -206,6 +227,9 @@ class TrainConfig:
                                       "k-means++ seeding alone)",
                                   (0, 10_000))
 
+    def __post_init__(self) -> None:
+        check_flags(self)
+
 
 def learning_rate(step: Any, lr: float, schedule: str, total_steps: int | None,
                   xp: Any = np) -> Any:
@@ -237,7 +261,7 @@ def model_config(raw: Any) -> ModelConfig:
     """The ModelConfig a checkpoint recorded; a UserError if it is not one of this project's."""
     try:
         return ModelConfig(**{**BEFORE_FIELD_EXISTED, **raw})
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"the checkpoint records an unknown model config {raw!r}") from e
 
 

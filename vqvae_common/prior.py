@@ -66,6 +66,9 @@ class PriorConfig:
     # path, gives its codes other meanings. "" (unknown) in priors saved before it existed.
     vqvae_weights: str = ""
 
+    def __post_init__(self) -> None:
+        cfg.check_flags(self)
+
     @property
     def code_shape(self) -> tuple[int, int]:
         return cfg.DATASETS[self.dataset].code_shape
@@ -80,7 +83,7 @@ def prior_config(raw: Any) -> PriorConfig:
     """The PriorConfig a checkpoint recorded; a UserError if it is not one of this project's."""
     try:
         return PriorConfig(**raw)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"the checkpoint records an unknown prior config {raw!r}") from e
 
 
