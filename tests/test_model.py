@@ -134,6 +134,27 @@ def test_more_dead_codes_than_vectors_wrap_around_the_batch(twin):
     np.testing.assert_array_equal(twin.codebook(vq), z[[0, 1, 2, 0, 1]])
 
 
+@pytest.mark.parametrize("shape", [(30, 4), (2, 15, 4), (1, 2, 3, 5, 4)])
+def test_the_quantizer_takes_vectors_at_any_number_of_positions(twin, shape):
+    """(B, D), (B, D, T), ... in the twin's own layout (PyTorch's vectors along dimension 1,
+    Flax's along the last axis): the codes, vectors, losses and restarts of the same vectors
+    laid out as an image's (B, h, w, D)."""
+    rng = np.random.default_rng(3)
+    codebook = rng.normal(size=(16, 4)).astype(np.float32)
+    z = rng.normal(size=shape).astype(np.float32)
+    want = twin.apply(twin.quantizer(16, 4, codebook), latents(z.reshape(-1, 4)))
+    got = twin.quantize_any_rank(twin.quantizer(16, 4, codebook), z)
+    assert got.indices.shape == shape[:-1]
+    np.testing.assert_array_equal(got.indices.flatten(), want.indices.flatten())
+    np.testing.assert_array_equal(got.z_q.reshape(-1, 4), want.z_q.reshape(-1, 4))
+    for term in ("codebook_loss", "commitment_loss"):
+        assert float(getattr(got, term)) == pytest.approx(float(getattr(want, term)), rel=1e-6)
+    restarted, as_image = (twin.quantizer(16, 4, codebook, restart_below=0.5) for _ in "ab")
+    twin.quantize_any_rank(restarted, z, restart=True)  # usage 0: every code dead
+    twin.restart_dead_codes(as_image, latents(z.reshape(-1, 4)))
+    np.testing.assert_array_equal(twin.codebook(restarted), twin.codebook(as_image))
+
+
 def test_restart_below_zero_never_restarts(twin):
     vq = twin.quantizer(4, 2, restart_below=0.0)
     codebook = twin.codebook(vq)

@@ -123,6 +123,18 @@ class TorchAdapter:
     def restart_dead_codes(self, vq: torch_model.VectorQuantizer, z_e: np.ndarray) -> None:
         vq.restart_dead_codes(to_tensor(np.asarray(z_e, np.float32), CPU))
 
+    def quantize_any_rank(self, vq: torch_model.VectorQuantizer, z: np.ndarray,
+                          restart: bool = False) -> Any:
+        """vq on channels-last z (B, ..., D) of any rank, handed over as PyTorch's layers lay
+        it out, (B, D, ...); its output channels-last again. restart: its dead codes
+        restarted from z instead."""
+        z_t = torch.tensor(z, dtype=torch.float32).movedim(-1, 1)
+        if restart:
+            return vq.restart_dead_codes(z_t)
+        with torch.no_grad():
+            out = vq.eval()(z_t)
+        return _to_numpy(out._replace(z_q=out.z_q.movedim(1, -1)), lambda t: t.numpy())
+
     def codebook(self, vq: torch_model.VectorQuantizer) -> np.ndarray:
         return vq.codebook.detach().numpy().copy()
 
@@ -301,6 +313,14 @@ class JaxAdapter:
 
     def restart_dead_codes(self, vq: jax_model.VectorQuantizer, z_e: np.ndarray) -> None:
         vq.restart_dead_codes(jnp.asarray(z_e, jnp.float32))
+
+    def quantize_any_rank(self, vq: jax_model.VectorQuantizer, z: np.ndarray,
+                          restart: bool = False) -> Any:
+        """vq on channels-last z (..., D) of any rank, as Flax's layers lay it out already.
+        restart: its dead codes restarted from z instead."""
+        if restart:
+            return vq.restart_dead_codes(jnp.asarray(z, jnp.float32))
+        return self.apply(vq, z)
 
     def codebook(self, vq: jax_model.VectorQuantizer) -> np.ndarray:
         return np.array(vq.codebook[...])

@@ -222,7 +222,7 @@ def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
 
 
 class Quantized(NamedTuple):
-    z_q: jax.Array  # (B, h, w, D), straight-through: forward z_q, gradient to z_e
+    z_q: jax.Array  # (B, h, w, D) as z_e, straight-through: forward z_q, gradient to z_e
     indices: jax.Array  # (B, h, w) int32
     codebook_loss: jax.Array  # mean((z_q - sg[z_e])^2)
     commitment_loss: jax.Array  # mean((z_e - sg[z_q])^2), not yet times beta
@@ -230,7 +230,8 @@ class Quantized(NamedTuple):
 
 class VectorQuantizer(nnx.Module):
     """Nearest-code quantization with a straight-through gradient. A layer of its own: any
-    model may use it on (B, h, w, D) encoder outputs.
+    model may use it on (B, h, w, D) encoder outputs, or on any (..., D) with the vectors
+    along the last axis, as Flax's layers give them ((B, D) and (B, T, D) too).
 
     With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D), e.g. MNIST's
     [64, 7, 7, 128] -> [3136, 128] against K = 512:
@@ -342,7 +343,7 @@ class VectorQuantizer(nnx.Module):
     def initialize_kmeans(self, z_e: jax.Array, seed: int,
                           iterations: int = TrainConfig.kmeans_iterations,
                           show_progress: bool = True) -> None:
-        """codebook <- vqvae_common.kmeans of the vectors of z_e (B, h, w, D), from `seed`;
+        """codebook <- vqvae_common.kmeans of the vectors of z_e (..., D), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step). Not
         jittable: the k-means runs in numpy."""
         num_codes = len(self.codebook[...])
@@ -351,7 +352,8 @@ class VectorQuantizer(nnx.Module):
         self.usage[...] = jnp.full_like(self.usage[...], 1 / num_codes)
 
     def restart_dead_codes(self, z_e: jax.Array) -> None:
-        """Move the dead codes onto vectors of z_e (B, h, w, D); run after the optimizer step.
+        """Move the dead codes onto vectors of z_e (B, h, w, D) or any (..., D), as __call__
+        takes it; run after the optimizer step.
         Under a mesh z_e is the global batch, so the rows are the same on every device."""
         if self.restart_below <= 0:
             return

@@ -100,7 +100,7 @@ def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 class Quantized(NamedTuple):
-    z_q: torch.Tensor  # (B, D, h, w), straight-through: forward z_q, gradient to z_e
+    z_q: torch.Tensor  # (B, D, h, w) as z_e, straight-through: forward z_q, gradient to z_e
     indices: torch.Tensor  # (B, h, w) int64
     codebook_loss: torch.Tensor  # mean((z_q - sg[z_e])^2)
     commitment_loss: torch.Tensor  # mean((z_e - sg[z_q])^2), not yet times beta
@@ -108,7 +108,8 @@ class Quantized(NamedTuple):
 
 class VectorQuantizer(nn.Module):
     """Nearest-code quantization with a straight-through gradient. A layer of its own: any
-    model may use it on (B, D, h, w) encoder outputs.
+    model may use it on (B, D, h, w) encoder outputs, or on any (B, D, ...) with the vectors
+    along dimension 1, as PyTorch's layers give them ((B, D) and (B, D, T) too).
 
     With z the N = B*h*w encoder vectors (N, D) and e the codebook (K, D), e.g. MNIST's
     [64, 128, 7, 7] -> [3136, 128] against K = 512:
@@ -173,7 +174,7 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_sums", self.codebook.detach().clone())
 
     def forward(self, z_e: torch.Tensor) -> Quantized:
-        z = z_e.permute(0, 2, 3, 1)  # (B, h, w, D)
+        z = z_e.movedim(1, -1)  # (B, h, w, D)
         flat = z.reshape(-1, z.shape[-1])
         if not len(flat):  # the usage shares would divide by N = 0
             raise ValueError(f"no vectors to quantize: z_e of shape {tuple(z_e.shape)}")
@@ -193,7 +194,7 @@ class VectorQuantizer(nn.Module):
         codebook_loss = F.mse_loss(z_q, z.detach())
         commitment_loss = F.mse_loss(z, z_q.detach())
         z_q_st = z + (z_q - z).detach()
-        return Quantized(z_q_st.permute(0, 3, 1, 2), indices.view(z.shape[:-1]),
+        return Quantized(z_q_st.movedim(-1, 1), indices.view(z.shape[:-1]),
                          codebook_loss, commitment_loss)
 
     def _update_ema(self, flat: torch.Tensor, indices: torch.Tensor,
@@ -224,23 +225,24 @@ class VectorQuantizer(nn.Module):
     def initialize_kmeans(self, z_e: torch.Tensor, seed: int,
                           iterations: int = TrainConfig.kmeans_iterations,
                           show_progress: bool = True) -> None:
-        """codebook <- vqvae_common.kmeans of the vectors of z_e (B, D, h, w), from `seed`;
+        """codebook <- vqvae_common.kmeans of the vectors of z_e (B, D, ...), from `seed`;
         every code then gets the uniform share 1/K (no restart at the next step)."""
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        flat = z_e.movedim(1, -1).reshape(-1, z_e.shape[1])
         self.set_codebook(kmeans(flat.cpu().double().numpy(), len(self.codebook), seed,
                                  iterations, show_progress))  # numpy has no bfloat16
         self.usage.fill_(1 / len(self.codebook))
 
     @torch.no_grad()
     def restart_dead_codes(self, z_e: torch.Tensor) -> None:
-        """Move the dead codes onto vectors of z_e (B, D, h, w); run after the optimizer step.
+        """Move the dead codes onto vectors of z_e (B, D, h, w) or any (B, D, ...), as
+        forward takes it; run after the optimizer step.
         Several processes sharing the step each pass their share of the batch: the rows are
         then picked from the global batch's z_e, the same in every process."""
         if self.restart_below <= 0:
             return
         num_codes = len(self.codebook)
         z_e = all_gather_rows(z_e)
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+        flat = z_e.movedim(1, -1).reshape(-1, z_e.shape[1])
         dead = self.usage < self.restart_below / num_codes
         n, m = len(flat), dead.sum().clamp(min=1)
         rank = torch.cumsum(dead, 0) - 1
