@@ -198,10 +198,16 @@ def test_every_default_lies_within_its_bounds():
     (lambda: config.ModelConfig(beta=float("nan")), r"ModelConfig.beta must lie in .*not nan"),
     (lambda: config.ModelConfig(num_codes="512"), r"ModelConfig.num_codes .*not '512'"),
     (lambda: PriorConfig(channels=0), r"PriorConfig.channels must lie in \[1, 4096\]"),
-], ids=["batch_size", "replace", "choices", "nan", "type", "prior"])
+    (lambda: config.TrainConfig(lr=None), r"TrainConfig.lr must lie in .*not None"),
+], ids=["batch_size", "replace", "choices", "nan", "type", "prior", "none"])
 def test_a_config_built_in_python_is_held_to_its_flags_bounds(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_numpy_numbers_and_the_none_defaults_pass_the_bounds():
+    train = config.TrainConfig(batch_size=np.int64(32), lr=np.float32(1e-3), max_steps=None)
+    assert (train.batch_size, train.max_steps) == (32, None)
 
 
 def test_a_recorded_model_config_out_of_bounds_is_a_user_error():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -44,11 +45,11 @@ def check_flags(config: Any) -> None:
         value, bounds, choices = (getattr(config, field.name), field.metadata.get("bounds"),
                                   field.metadata.get("choices"))
         name = f"{type(config).__name__}.{field.name}"
-        if value is None:
+        if value is None and field.default is None:
             continue
         if choices and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-        if bounds and not (isinstance(value, (int, float)) and math.isfinite(value)
+        if bounds and not (isinstance(value, numbers.Real) and math.isfinite(value)
                            and bounds[0] <= value <= bounds[1]):
             raise ValueError(f"{name} must lie in [{bounds[0]}, {bounds[1]}], not {value!r}")
 
