@@ -6,9 +6,11 @@
 Compiles JaxTwin's train step with `xla_cpu_enable_xprof_traceme` added to its compile
 options (only this step is traced), runs --steps steps under jax.profiler after a warm-up,
 and reads the trace's .trace.json.gz: each XLA op's wall time on the thread that ran it,
-joined to the optimized HLO for the op's shape and the JAX operation it came from. Each op
-runs once a step: its figure is its events' total divided by --steps. Prints the ops by time
-and the totals by kind.
+joined to the optimized HLO for the op's shape, the JAX operation it came from and the line
+of this project's Flax code that made it (the innermost frame in vqvae_jax/ of the op's
+stack in the HLO). Each op runs once a step: its figure is its events' total divided by
+--steps. Prints the ops by time, the totals by kind, and the totals by source line: which
+line of the model costs what.
 
 Read with care:
 - XLA:CPU runs its (Eigen) convolutions asynchronously on its thread pool: their events time
@@ -83,6 +85,44 @@ def hlo_facts(hlo: str) -> dict[str, tuple[str, str]]:
     return facts
 
 
+def _numbered(hlo: str, section: str) -> dict[int, str]:
+    """The HLO's `section` (FileNames, FunctionNames, FileLocations, StackFrames): id -> the
+    rest of its line."""
+    block = re.search(rf"^{section}\n((?:\d+ .*\n)*)", hlo, re.M)
+    return {int(line.split(" ", 1)[0]): line.split(" ", 1)[1]
+            for line in (block.group(1).splitlines() if block else [])}
+
+
+def source_lines(hlo: str) -> dict[str, str]:
+    """Op name -> "file:line (function)" of the innermost frame of its stack in this
+    project's Flax code (vqvae_jax/), else of its innermost frame; ops XLA made itself (the
+    layout copies, say) have no stack and are left out. A frame's parent_frame_id reads one
+    more than its parent's id, 0 for none (as XLA prints them)."""
+    files = {i: text.strip('"') for i, text in _numbered(hlo, "FileNames").items()}
+    functions = {i: text.strip('"') for i, text in _numbered(hlo, "FunctionNames").items()}
+    where = {}
+    for i, text in _numbered(hlo, "FileLocations").items():
+        fields = dict(re.findall(r"(\w+)=(\d+)", text))
+        where[i] = (files.get(int(fields["file_name_id"]), "?"),
+                    functions.get(int(fields.get("function_name_id", 0)), "?"),
+                    fields.get("line", "?"))
+    frames = {i: tuple(int(v) for v in re.findall(r"=(\d+)", text))
+              for i, text in _numbered(hlo, "StackFrames").items()}  # (location, parent + 1)
+    labels = {}
+    for op, frame in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = .*stack_frame_id=(\d+)", hlo,
+                                re.M):
+        stack, frame = [], int(frame)
+        while frame in frames and len(stack) < len(frames):
+            location, parent = frames[frame]
+            stack.append(where.get(location, ("?", "?", "?")))
+            frame = parent - 1
+        ours = [f for f in stack if f"{os.sep}vqvae_jax{os.sep}" in f[0]] or stack
+        if ours:
+            path, function, line = ours[0]
+            labels[op] = f"{os.path.basename(path)}:{line} ({function})"
+    return labels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
@@ -113,11 +153,14 @@ def main() -> None:
     per_step = collections.Counter()
     for e in events:
         per_step[e["name"]] += e["dur"] / 1e3 / args.steps  # us -> ms a step
+    sources = source_lines(hlo)
     ops = [{"op": op, "ms_per_step": ms, "kind": kind(op), "shape": facts[op][0],
-            "from": facts[op][1]} for op, ms in per_step.most_common()]
-    totals = collections.Counter()
+            "from": facts[op][1], "source": sources.get(op, "")} for op, ms in
+           per_step.most_common()]
+    totals, by_source = collections.Counter(), collections.Counter()
     for row in ops:
         totals[row["kind"]] += row["ms_per_step"]
+        by_source[row["source"] or "(no stack: made by XLA)"] += row["ms_per_step"]
 
     print(f"{args.dataset} Flax train step, batch 64, {args.steps} traced steps: "
           f"{step_ms:.1f} ms a step (wall, tracing on)")
@@ -127,10 +170,14 @@ def main() -> None:
               f"{row['shape'][:24]:24} {row['from'][:60]}")
     print("thread time a step by kind: " + ", ".join(
         f"{name} {totals[name]:.1f} ms" for name, _ in KINDS))
+    print(f"\n{'thread time a step by source line':60} {'ms/step':>8}")
+    for source, ms in by_source.most_common(args.top):
+        print(f"{source[:60]:60} {ms:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"dataset": args.dataset, "steps": args.steps, "step_ms": step_ms,
-                       "ms_per_step_by_kind": totals, "ops": ops}, f, indent=2)
+                       "ms_per_step_by_kind": totals, "ms_per_step_by_source": by_source,
+                       "ops": ops}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The benchmarks' CI smoke run: bench/train_step.py --quick runs end to end and writes every
-figure it promises, and bench/core_distance.py's probe measures and cleans up after itself.
-Never a timing: the values are only checked to be measured (finite, positive), not fast."""
+figure it promises, bench/core_distance.py's probe measures and cleans up after itself, and
+bench/xla_op_profile.py reads which line of code made each op. Never a timing: the values
+are only checked to be measured (finite, positive), not fast."""
+import importlib
 import json
 import math
 import os
@@ -43,13 +45,17 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert all(c["seconds"] > 0 and c["peak_bytes"] > 0 for c in results["quantizer"])
 
 
-def import_core_distance():
+def import_bench(name: str):
+    """bench/<name>.py as a module (the scripts import each other from beside themselves)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
-        import core_distance
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return core_distance
+
+
+def import_core_distance():
+    return import_bench("core_distance")
 
 
 def single_cpu() -> bool:
@@ -81,3 +87,26 @@ def test_core_distance_gives_none_once_its_responder_is_gone():
         assert probe.round_trip_ns() is None
         assert probe.round_trip_ns() is None
         assert time.perf_counter() - start < 2 * core_distance.PROBE_LIMIT_S
+
+
+def test_xla_op_profile_names_the_line_of_our_code_behind_each_op():
+    """Each op of a compiled program maps to the innermost frame of its stack in vqvae_jax/:
+    a plain residual block's convolutions to the block's lines that call flax's nnx.Conv,
+    not to flax's own lines below them."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from vqvae_jax.model import ResidualBlock
+
+    graphdef, state = nnx.split(ResidualBlock(4, fast_cpu=False, rngs=nnx.Rngs(0)))
+    hlo = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(
+        state, np.ones((2, 4, 4, 4), np.float32)).compile().as_text()
+    sources = import_bench("xla_op_profile").source_lines(hlo)
+    code = ResidualBlock.__call__.__code__
+    lines = range(code.co_firstlineno, code.co_firstlineno + 4)  # its def and body
+    convolutions = {sources[op] for op in sources if op.startswith("conv")}
+    assert convolutions and all(
+        s.startswith("model.py:") and s.endswith(" (ResidualBlock.__call__)")
+        and int(s.split(":")[1].split()[0]) in lines for s in convolutions), sources
+    assert all(s.startswith("model.py:") for s in sources.values()), sources
