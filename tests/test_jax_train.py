@@ -10,7 +10,7 @@ from flax import nnx
 from parity_tests.test_gradients import feeds_batchnorm
 from vqvae_common import layout
 from vqvae_common.config import ModelConfig, TrainConfig
-from vqvae_jax import checkpoint
+from vqvae_jax import checkpoint, xla_cpu
 from vqvae_jax.train import JaxTwin, train_steps
 
 
@@ -43,6 +43,19 @@ def test_the_cpu_step_leaves_convolutions_to_xla_and_dots_to_ynnpack():
     barriers = lowered.as_text().count("stablehlo.optimization_barrier")
     assert barriers == 5  # four strided convolutions' kernel gradients, one argmin
     assert hlo.count(" opt-barrier(") == barriers
+
+
+def test_the_cpu_options_keep_the_passes_xla_flags_disables(monkeypatch):
+    """A jit's xla_disable_hlo_passes replaces the one XLA_FLAGS gives (an XLA_FLAGS list
+    alone kept a barrier that the jit's own list, naming another pass, let XLA remove), so
+    the twin's list carries the user's passes too."""
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
+                                    "--xla_disable_hlo_passes=algsimp,fusion")
+    passes = xla_cpu.compiler_options(cpu)["xla_disable_hlo_passes"]
+    assert passes.split(",") == ["algsimp", "fusion", "cse_barrier_expander"]
+    monkeypatch.delenv("XLA_FLAGS")
+    assert xla_cpu.compiler_options(cpu) == xla_cpu.COMPILER_OPTIONS
 
 
 def test_k_steps_in_one_scan_equal_k_single_steps():

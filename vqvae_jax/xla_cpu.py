@@ -64,6 +64,8 @@ Layouts are the model's: activations NHWC, kernels HWIO.
 from __future__ import annotations
 
 import functools
+import os
+import re
 from collections.abc import Sequence
 
 import jax
@@ -263,8 +265,7 @@ def conv_general_dilated(x: jax.Array, w: jax.Array, window_strides: Sequence[in
 
 # YNNPACK takes XLA:CPU's dots and reductions (its default) but not its convolutions
 # (see the module docstring), and the optimization barriers stay (_strided_conv_kernel_grad,
-# first_argmin): jax.jit(..., compiler_options=COMPILER_OPTIONS) on a CPU. A jit's
-# xla_disable_hlo_passes takes the place of one given in XLA_FLAGS.
+# first_argmin): jax.jit(..., compiler_options=compiler_options(device)) on a CPU.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
                     "xla_disable_hlo_passes": "cse_barrier_expander"}
@@ -272,8 +273,13 @@ COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 
 def compiler_options(device: jax.Device) -> dict[str, str] | None:
     """jax.jit's compiler_options for a program on `device`: COMPILER_OPTIONS on a CPU, where
-    they were measured; XLA's own elsewhere."""
-    return COMPILER_OPTIONS if device.platform == "cpu" else None
+    they were measured; XLA's own elsewhere. The passes that XLA_FLAGS' own
+    --xla_disable_hlo_passes disables stay disabled: a jit's list would replace it."""
+    if device.platform != "cpu":
+        return None
+    theirs = re.findall(r"--xla_disable_hlo_passes=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    return {**COMPILER_OPTIONS, "xla_disable_hlo_passes": ",".join(
+        [*theirs, COMPILER_OPTIONS["xla_disable_hlo_passes"]])}
 
 
 def first_argmin(distances: jax.Array) -> jax.Array:
