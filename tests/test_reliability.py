@@ -322,11 +322,14 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp
     assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
     capsys.readouterr()
-    loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True))
+    record = (tmp_path / "config.json").read_text()
+    loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=True,
+                                                              max_steps=10, lr=1e-4))
     err = capsys.readouterr().err
     assert "holds step 16, where this run ends: nothing to train" in err
     assert "train:" not in err  # no progress bar of no steps
     assert [r["step"] for r in rows(tmp_path)] == [4, 8, 12, 16, 16]
+    assert (tmp_path / "config.json").read_text() == record  # the flags took no effect
 
 
 class SignalledWhileBuilt(FakeTwin):
@@ -438,6 +441,12 @@ def test_files_of_a_runs_names_that_no_run_wrote_are_never_written_over(fake_dat
     (tmp_path / "config.json").unlink()  # a picture alone: still no run's
     with pytest.raises(UserError, match=f"{tmp_path} holds reconstruction.png, which no run"):
         loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
+    (tmp_path / "reconstruction.png").unlink()  # a tensorboard/ folder of the user's own,
+    (tmp_path / "tensorboard" / "sub").mkdir(parents=True)  # which the logbook would rebuild
+    (tmp_path / "tensorboard" / "sub" / "mine.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"{tmp_path} holds tensorboard, which no run"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path), batch_size=4))
+    assert (tmp_path / "tensorboard" / "sub" / "mine.txt").read_text() == "mine"
     # the files of a run killed before its first checkpoint: a fresh start writes over them
     loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(tmp_path / "run"), batch_size=4,
                                                           max_steps=2))

@@ -273,7 +273,9 @@ def to_json(model: ModelConfig, train: TrainConfig, run: dict[str, Any] | None =
                        **(run or {})}, indent=2, sort_keys=True)
 
 
-RUN_RECORDS = ("config.json", "metrics.jsonl")  # what every run writes into its --out
+EVENTS_FOLDER = "tensorboard"  # a run's TensorBoard events, rebuilt from metrics.jsonl
+RUN_RECORDS = ("config.json", "metrics.jsonl", EVENTS_FOLDER)  # what every run writes into
+#   its --out
 # ... beside the pictures of its kind (vqvae_common.checkpoint_record.KINDS), drawn at each
 # epoch's end
 PICTURES = {"vqvae": ("reconstruction.png", "interpolation.gif", "loss_curves.png"),

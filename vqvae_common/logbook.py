@@ -16,6 +16,7 @@ from typing import Any
 from tensorboardX import SummaryWriter
 
 from vqvae_common.atomic import write_atomic
+from vqvae_common.config import EVENTS_FOLDER
 
 
 class Logbook:
@@ -28,7 +29,8 @@ class Logbook:
         kept = _rows_up_to(path, resume_step) if resume_step is not None else []
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
         self._jsonl = open(path, "a")
-        events = os.path.join(out_dir, "tensorboard")
+        events = os.path.join(out_dir, EVENTS_FOLDER)  # a fresh run's --out holds none that
+        #   no run wrote (loop._check_out)
         shutil.rmtree(events, ignore_errors=True)
         self._tb = SummaryWriter(events)
         for row in kept:

@@ -286,8 +286,10 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
                     lock = RunLock(out)
                 atomic.remove_leftovers(out)
                 make_twin.remove_partial_checkpoints(ckpt)
-                write_atomic(os.path.join(out, "config.json"),
-                             cfg.to_json(twin.config, train_cfg, run_record))
+                if step < schedule.total:  # a run with nothing to train keeps its record:
+                    #   the flags of this command took no effect
+                    write_atomic(os.path.join(out, "config.json"),
+                                 cfg.to_json(twin.config, train_cfg, run_record))
                 wrote = True
             records = (Logbook(out, resume_step=step if train_cfg.resume else None) if main
                        else _NoRecords())
