@@ -167,8 +167,15 @@ def test_a_prior_over_a_vqvae_of_other_weights_warns_when_sampled_and_is_not_res
         f"warning: the VQ-VAE {other} is not the one the prior was trained over (other "
         f"weights: trained on since, or another model): its samples decode codes this VQ-VAE "
         f"did not learn\n")
-    with pytest.raises(UserError, match="was trained over another version of the VQ-VAE"):
+    with pytest.raises(UserError, match="was trained over another VQ-VAE than"):
         PriorTwin(prior.PriorConfig(vqvae=other, **TINY_PRIOR), cfg.TrainConfig()).load(path)
+    fewer = str(tmp_path / "c" / Twin.checkpoint_name)  # a VQ-VAE of another codebook size
+    os.makedirs(os.path.dirname(fewer))
+    Twin(dataclasses.replace(TINY_VQVAE, num_codes=TINY_VQVAE.num_codes // 2),
+         cfg.TrainConfig()).save(fewer, 0)
+    with pytest.raises(UserError, match=f"the prior models codes of {TINY_VQVAE.num_codes} "
+                                        f"and the VQ-VAE {fewer} has {TINY_VQVAE.num_codes // 2}"):
+        PriorTwin.from_checkpoint(path, vqvae=fewer)
 
 
 def test_a_vqvae_and_its_conversions_have_one_fingerprint(tmp_path):

@@ -111,9 +111,9 @@ class CheckpointRecord:
         if "" in (held.get("vqvae_weights"), wanted.get("vqvae_weights")):  # unknown: a
             del held["vqvae_weights"], wanted["vqvae_weights"]  # prior saved before it
         if held.get("vqvae_weights") != wanted.get("vqvae_weights"):
-            raise UserError(f"{path} was trained over another version of the VQ-VAE "
-                            f"{config.vqvae} (its weights differ: trained on since, or "
-                            f"replaced): train a new prior over it, in another --out")
+            raise UserError(f"{path} was trained over another VQ-VAE than {config.vqvae} "
+                            f"(the weights differ: another model, or this one trained on "
+                            f"since): train a new prior over it, in another --out")
         if held != wanted:
             differ = ", ".join(f"{key} {held.get(key)} (not {wanted.get(key)})"
                                for key in sorted(held.keys() | wanted.keys())
