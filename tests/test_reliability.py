@@ -332,6 +332,14 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_from_it(fake_data, tmp
     assert (tmp_path / "config.json").read_text() == record  # the flags took no effect
 
 
+def test_sigterm_in_the_last_step_says_the_run_is_complete(fake_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(FakeTwin, "signal_at", 16)  # the run's last step
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, log_every=4)
+    with pytest.raises(Stopped, match="holds step 16, the run's last: it is complete"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    assert json.loads((tmp_path / "fake.json").read_text()) == {"step": 16}
+
+
 class SignalledWhileBuilt(FakeTwin):
     """A FakeTwin that gets SIGTERM while it is built, inside a gc callback (as jax's own in
     gc.callbacks), where the Stopped that StopSignals raises is printed as ignored and lost."""

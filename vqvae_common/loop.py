@@ -456,7 +456,10 @@ class _Run:
         if self.saved_step != step and step_metrics is not None:
             self._finite(step_metrics, step)
             self._save(step)
-        if self.saved_step == step:
+        if self.saved_step == step and step >= self.schedule.total:  # the signal came as
+            #   the last step's work ended
+            where = f"{self.ckpt} holds step {step}, the run's last: it is complete"
+        elif self.saved_step == step:
             where = f"{self.ckpt} holds step {step}: rerun with --resume to continue"
         else:
             where = "no step was taken: rerun the same command"
