@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -436,6 +437,22 @@ def test_a_run_of_another_kind_in_the_same_out_is_refused_and_changes_nothing(
     with pytest.raises(UserError, match="another kind of run \\(its checkpoint: fake.json"):
         loop.fit(OtherKindTwin, cfg.ModelConfig(), dataclasses.replace(train_cfg, resume=resume))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("checkpoint_name, start", [
+    ("fake.pt", "--init-from {out}/model.pt, and another --out"),
+    ("fake", "python convert.py --from-torch {out}/model.pt --out DIR, then --init-from DIR")])
+def test_a_copy_of_a_shipped_model_is_refused_with_how_to_train_from_it(
+        fake_data, tmp_path, monkeypatch, checkpoint_name, start):
+    monkeypatch.setattr(FakeTwin, "checkpoint_name", checkpoint_name)
+    shutil.copytree(os.path.join(ROOT, "trained_models", "mnist_torch"), tmp_path / "copy")
+    out = tmp_path / "copy"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=re.escape(
+            f"{out} holds a trained model (model.pt, as trained_models/ ship them), not a run "
+            f"to go on with: to train from it, {start.format(out=out)}")):
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(out), batch_size=4))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_files_of_a_runs_names_that_no_run_wrote_are_never_written_over(fake_data, tmp_path):

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from vqvae_common import atomic, data, images, metrics
 from vqvae_common import config as cfg
 from vqvae_common.atomic import write_atomic
-from vqvae_common.checkpoint_record import (checkpoint_around, checkpoint_in,
-                                            is_flax_checkpoint)
+from vqvae_common.checkpoint_record import (TRAINED_MODEL_NAME, checkpoint_around,
+                                            checkpoint_in, is_flax_checkpoint)
 from vqvae_common.errors import UserError
 from vqvae_common.logbook import Logbook
 from vqvae_common.run_lock import RunLock
@@ -513,6 +513,13 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not isinstance(name, str):  # no config.json, or an older version's: the files tell
         held = checkpoint_in(out)
         name = ours if held is None or os.path.exists(ckpt) else os.path.basename(held)
+    if name == TRAINED_MODEL_NAME:  # a PyTorch checkpoint, weights only
+        shipped = os.path.join(out, name)
+        start = (f"--init-from {shipped}" if ours.endswith(".pt") else
+                 f"python convert.py --from-torch {shipped} --out DIR, then --init-from DIR")
+        raise UserError(f"{out} holds a trained model ({name}, as trained_models/ ship them), "
+                        f"not a run to go on with: to train from it, {start}, and another "
+                        f"--out")
     if name != ours:
         raise UserError(f"{out} holds another kind of run (its checkpoint: {name}, this "
                         f"trainer's: {ours}): choose another --out")
