@@ -480,6 +480,25 @@ def test_files_of_a_runs_names_that_no_run_wrote_are_never_written_over(fake_dat
                                                           max_steps=2))
 
 
+def test_a_resume_takes_no_other_value_of_a_flag_that_acted_at_the_first_step(fake_data,
+                                                                              tmp_path):
+    """helper-25: --codebook-init uniform beside --resume was taken and recorded, though the
+    run had started with k-means and no resume runs it again."""
+    train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, max_steps=5)
+    loop.fit(FakeTwin, cfg.ModelConfig(), train_cfg)
+    record = (tmp_path / "config.json").read_text()
+    resume = dataclasses.replace(train_cfg, resume=True, max_steps=None)
+    with pytest.raises(UserError, match="started with --codebook-init kmeans, which acts at a "
+                                        "run's first step only: leave --codebook-init out"):
+        loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(resume, codebook_init="uniform"))
+    assert (tmp_path / "config.json").read_text() == record
+    old = json.loads(record)  # an older version's record, out of today's bounds: given anew
+    old["train"]["kmeans_images"] = 20_000
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loop.fit(FakeTwin, cfg.ModelConfig(), dataclasses.replace(resume, kmeans_images=500))
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["kmeans_images"] == 500
+
+
 @pytest.mark.parametrize("flag,value", [("batch_size", 8), ("seed", 1), ("dataset", "cifar10")])
 def test_a_resume_with_another_data_order_is_refused(fake_data, tmp_path, flag, value):
     train_cfg = cfg.TrainConfig(out=str(tmp_path), batch_size=4, epochs=1, max_steps=5)

@@ -159,6 +159,7 @@ class Task(Protocol):
 
     progress_keys: tuple[str, ...]  # the train terms the progress bar shows
     pictures: tuple[str, ...]  # the files write_artifacts writes into --out
+    first_step_flags: tuple[str, ...]  # TrainConfig fields `start` acts on at step 0 only
 
     def load(self, split: str) -> Any:
         """The split's data as read from disk (before `start`)."""
@@ -187,6 +188,7 @@ class Reconstruction:
 
     progress_keys = ("loss", "recon")
     pictures = cfg.PICTURES["vqvae"]
+    first_step_flags = ("codebook_init", "kmeans_images", "kmeans_iterations")
 
     def __init__(self, train_cfg: cfg.TrainConfig) -> None:
         self.train_cfg = train_cfg
@@ -260,7 +262,7 @@ def fit(make_twin: type[Twin], model_cfg: Any, train_cfg: cfg.TrainConfig,
     wrote = False  # into --out: until then, a refusal leaves it as it was
     try:
         with StopSignals() as stop:
-            _check_out(make_twin, ckpt, train_cfg, out, task.pictures)
+            _check_out(make_twin, ckpt, train_cfg, out, task)
             train, test = task.load("train"), task.load("test")
             schedule = Schedule.of(len(train), train_cfg)
             twin = make_twin(model_cfg, train_cfg, total_steps=schedule.total)
@@ -476,14 +478,16 @@ class _Run:
 
 
 def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
-               out: str, pictures: tuple[str, ...]) -> None:
+               out: str, task: Task) -> None:
     """--resume needs a complete checkpoint of this twin's kind, and the flags that fix the
     data order; a fresh run must not write over a checkpoint, nor over the records of a run
     of another kind (the other twin, or a prior in a VQ-VAE's --out), which config.json
     names by its checkpoint (an older version's config.json does not: then the checkpoint
     that --out holds tells), nor over files of its names (config.json, metrics.jsonl,
-    `pictures`) where no run's config.json says a run wrote them. --out must be a folder
-    that exists or can be made, outside any other run and not a checkpoint itself."""
+    tensorboard/, the task's pictures) where no run's config.json says a run wrote them.
+    --out must be a folder that exists or can be made, outside any other run and not a
+    checkpoint itself. A resume takes no other value of a flag that acted at its run's first
+    step only (the task's first_step_flags): it could not take effect."""
     if train_cfg.resume and train_cfg.init_from is not None:
         raise UserError("--resume continues the run in --out, --init-from starts a new one "
                         "from another run's model: pass one of them")
@@ -531,7 +535,7 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
         raise UserError(f"{out} already holds a checkpoint: pass --resume to continue it, "
                         f"or choose another --out")
     ran = cfg.is_run(out)
-    ours_to_write = [name for name in (*cfg.RUN_RECORDS, *pictures)
+    ours_to_write = [name for name in (*cfg.RUN_RECORDS, *task.pictures)
                      if os.path.lexists(os.path.join(out, name))]
     if not train_cfg.resume and not ran and ours_to_write:
         raise UserError(f"{out} holds {', '.join(ours_to_write)}, which no run wrote and this "
@@ -541,4 +545,19 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
         if isinstance(flags, dict) and flag in flags and flags[flag] != getattr(train_cfg, flag):
             raise UserError(f"--resume: {out} was trained with {cfg.option(flag)} "
                             f"{flags[flag]}; resume it with that one")
+    for flag in task.first_step_flags:
+        if isinstance(flags, dict) and flags.get(flag, getattr(train_cfg, flag)) != getattr(
+                train_cfg, flag) and _valid(train_cfg, flag, flags[flag]):
+            raise UserError(f"--resume: {out} started with {cfg.option(flag)} {flags[flag]}, "
+                            f"which acts at a run's first step only: leave "
+                            f"{cfg.option(flag)} out")
 
+
+def _valid(train_cfg: cfg.TrainConfig, flag: str, value: Any) -> bool:
+    """Whether `value` is one that today's TrainConfig takes for `flag` (a record of an
+    older version may hold one it refuses, which a resume must then give anew)."""
+    try:
+        dataclasses.replace(train_cfg, **{flag: value})
+    except ValueError:
+        return False
+    return True

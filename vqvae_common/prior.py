@@ -246,6 +246,7 @@ class PriorTask:
 
     progress_keys = ("loss",)
     pictures = cfg.PICTURES["prior"]
+    first_step_flags = ()
 
     def __init__(self, framework: str, prior_cfg: PriorConfig, train_cfg: cfg.TrainConfig
                  ) -> None:
