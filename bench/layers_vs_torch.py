@@ -80,7 +80,8 @@ def flax_layer(module: nnx.Module, x: np.ndarray, cotangent: np.ndarray, first: 
         layer = nnx.merge(graphdef, state)
         return nnx.grad(inner_product, argnums=0 if first else (0, 1), has_aux=True)(layer, x)
 
-    step = jax.jit(forward_and_backward, compiler_options=xla_cpu.COMPILER_OPTIONS)
+    step = jax.jit(forward_and_backward,
+                   compiler_options=xla_cpu.compiler_options(jax.devices("cpu")[0]))
     x, ct = jax.numpy.asarray(x), jax.numpy.asarray(cotangent)
     return lambda: jax.block_until_ready(step(state, x, ct))
 

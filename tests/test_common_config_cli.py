@@ -191,28 +191,40 @@ def test_every_default_lies_within_its_bounds():
 
 @pytest.mark.parametrize("build, message", [
     (lambda: config.TrainConfig(batch_size=0),
-     r"TrainConfig.batch_size must lie in \[1, 65536\], not 0"),
+     r"TrainConfig.batch_size must be a whole number in \[1, 65536\], not 0"),
     (lambda: dataclasses.replace(config.TrainConfig(), epochs=0), r"TrainConfig.epochs"),
     (lambda: config.TrainConfig(lr_schedule="step"),
      "TrainConfig.lr_schedule must be one of constant, cosine, not 'step'"),
-    (lambda: config.ModelConfig(beta=float("nan")), r"ModelConfig.beta must lie in .*not nan"),
+    (lambda: config.ModelConfig(beta=float("nan")), r"ModelConfig.beta must be a number in "
+                                                    r".*not nan"),
     (lambda: config.ModelConfig(num_codes="512"), r"ModelConfig.num_codes .*not '512'"),
-    (lambda: PriorConfig(channels=0), r"PriorConfig.channels must lie in \[1, 4096\]"),
-    (lambda: config.TrainConfig(lr=None), r"TrainConfig.lr must lie in .*not None"),
-], ids=["batch_size", "replace", "choices", "nan", "type", "prior", "none"])
+    (lambda: PriorConfig(channels=0), r"PriorConfig.channels must be a whole number in "
+                                      r"\[1, 4096\]"),
+    (lambda: config.TrainConfig(lr=None), r"TrainConfig.lr must be a number in .*not None"),
+    (lambda: config.TrainConfig(batch_size=32.5), r"batch_size must be a whole number"),
+    (lambda: config.TrainConfig(batch_size=True), r"batch_size must be a whole number"),
+    (lambda: config.TrainConfig(epochs=np.float64(2.0)), r"epochs must be a whole number"),
+    (lambda: config.ModelConfig(beta=10**400), r"ModelConfig.beta must be a number"),
+    (lambda: config.TrainConfig(kmeans_images=10**400), r"kmeans_images must be a whole"),
+], ids=["batch_size", "replace", "choices", "nan", "type", "prior", "none", "fraction", "bool",
+        "numpy-float", "huge-float", "huge-int"])
 def test_a_config_built_in_python_is_held_to_its_flags_bounds(build, message):
     with pytest.raises(ValueError, match=message):
         build()
 
 
-def test_numpy_numbers_and_the_none_defaults_pass_the_bounds():
+def test_numpy_numbers_become_python_numbers_and_the_none_defaults_pass(tmp_path):
     train = config.TrainConfig(batch_size=np.int64(32), lr=np.float32(1e-3), max_steps=None)
     assert (train.batch_size, train.max_steps) == (32, None)
+    assert type(train.batch_size) is int and type(train.lr) is float
+    assert config.from_json(config.to_json(config.ModelConfig(beta=np.float64(1.0)), train)
+                            )[1] == train  # config.json holds them
 
 
 def test_a_recorded_model_config_out_of_bounds_is_a_user_error():
-    with pytest.raises(UserError, match="unknown model config"):
-        config.model_config({"hidden": 0})
+    for raw in ({"hidden": 0}, {"num_codes": 10**400}):
+        with pytest.raises(UserError, match="unknown model config"):
+            config.model_config(raw)
 
 
 def test_each_preset_takes_its_datasets_channels():

@@ -51,9 +51,10 @@ def test_the_cpu_options_keep_the_passes_xla_flags_disables(monkeypatch):
     the twin's list carries the user's passes too."""
     cpu = jax.devices("cpu")[0]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
-                                    "--xla_disable_hlo_passes=algsimp,fusion")
+                                    "--xla_disable_hlo_passes=algsimp,fusion "
+                                    "--xla_disable_hlo_passes='dce'")
     passes = xla_cpu.compiler_options(cpu)["xla_disable_hlo_passes"]
-    assert passes.split(",") == ["algsimp", "fusion", "cse_barrier_expander"]
+    assert passes.split(",") == ["algsimp", "fusion", "dce", "cse_barrier_expander"]
     monkeypatch.delenv("XLA_FLAGS")
     assert xla_cpu.compiler_options(cpu) == xla_cpu.COMPILER_OPTIONS
 

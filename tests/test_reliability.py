@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -439,19 +440,23 @@ def test_a_run_of_another_kind_in_the_same_out_is_refused_and_changes_nothing(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("checkpoint_name, start", [
-    ("fake.pt", "--init-from {out}/model.pt, and another --out"),
-    ("fake", "python convert.py --from-torch {out}/model.pt --out DIR, then --init-from DIR")])
+@pytest.mark.parametrize("checkpoint_name, kind, start", [
+    ("fake.pt", "vqvae", "--init-from {out}/model.pt, and another --out"),
+    ("fake", "vqvae",
+     "python convert.py --from-torch {out}/model.pt --out DIR, then --init-from DIR"),
+    ("fake.pt", "prior", "--vqvae {out}/model.pt, and another --out")])
 def test_a_copy_of_a_shipped_model_is_refused_with_how_to_train_from_it(
-        fake_data, tmp_path, monkeypatch, checkpoint_name, start):
+        fake_data, tmp_path, monkeypatch, checkpoint_name, kind, start):
     monkeypatch.setattr(FakeTwin, "checkpoint_name", checkpoint_name)
+    task = types.SimpleNamespace(kind=kind, pictures=cfg.PICTURES[kind], first_step_flags=())
     shutil.copytree(os.path.join(ROOT, "trained_models", "mnist_torch"), tmp_path / "copy")
     out = tmp_path / "copy"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match=re.escape(
             f"{out} holds a trained model (model.pt, as trained_models/ ship them), not a run "
             f"to go on with: to train from it, {start.format(out=out)}")):
-        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(out), batch_size=4))
+        loop.fit(FakeTwin, cfg.ModelConfig(), cfg.TrainConfig(out=str(out), batch_size=4),
+                 task)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 

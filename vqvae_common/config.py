@@ -7,10 +7,11 @@ vqvae_common.cli builds both trainers' parser from these fields alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import numbers
 import os
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -38,20 +39,37 @@ def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
 
 
 def check_flags(config: Any) -> None:
-    """A ValueError naming the first flag field of a config dataclass whose value lies
-    outside its choices or bounds: a config built in Python is held to what the command
-    line refuses (None, where a flag's default is None, stands for that default)."""
+    """A ValueError naming the first flag field of a config dataclass whose value the command
+    line would refuse: outside its choices or bounds, or not a whole number where the field
+    is an int (None, where a flag's default is None, stands for that default). A config built
+    in Python is held to the same rules; numpy scalars in it become Python numbers first, as
+    config.json holds them."""
+    integers = _integer_fields(type(config))
     for field in dataclasses.fields(config):
-        value, bounds, choices = (getattr(config, field.name), field.metadata.get("bounds"),
-                                  field.metadata.get("choices"))
+        value = getattr(config, field.name)
+        if isinstance(value, np.generic):
+            value = value.item()
+            object.__setattr__(config, field.name, value)  # frozen: in __post_init__ only
+        bounds, choices = field.metadata.get("bounds"), field.metadata.get("choices")
         name = f"{type(config).__name__}.{field.name}"
         if value is None and field.default is None:
             continue
         if choices and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-        if bounds and not (isinstance(value, numbers.Real) and math.isfinite(value)
+        number = isinstance(value, int) or (field.name not in integers and isinstance(
+            value, float) and math.isfinite(value))  # an int of any size, a finite float
+        if bounds and not (number and not isinstance(value, bool)
                            and bounds[0] <= value <= bounds[1]):
-            raise ValueError(f"{name} must lie in [{bounds[0]}, {bounds[1]}], not {value!r}")
+            kind = "a whole number" if field.name in integers else "a number"
+            raise ValueError(f"{name} must be {kind} in [{bounds[0]}, {bounds[1]}], not "
+                             f"{value!r}")
+
+
+@functools.cache
+def _integer_fields(config_class: type) -> frozenset[str]:
+    """The fields of a config dataclass typed int (or int | None)."""
+    return frozenset(name for name, kind in typing.get_type_hints(config_class).items()
+                     if int in (typing.get_args(kind) or (kind,)))
 
 
 def option(name: str) -> str:

@@ -157,6 +157,7 @@ def evaluate(twin: Twin, test_images: np.ndarray, batch_size: int, num_codes: in
 class Task(Protocol):
     """What a run trains on and measures; `fit` keeps the books around it."""
 
+    kind: str  # what it trains: "vqvae" or "prior" (checkpoint_record.KINDS)
     progress_keys: tuple[str, ...]  # the train terms the progress bar shows
     pictures: tuple[str, ...]  # the files write_artifacts writes into --out
     first_step_flags: tuple[str, ...]  # TrainConfig fields `start` acts on at step 0 only
@@ -186,8 +187,9 @@ class Task(Protocol):
 class Reconstruction:
     """The VQ-VAE's Task: images in, reconstruction metrics and pictures out."""
 
+    kind = "vqvae"
     progress_keys = ("loss", "recon")
-    pictures = cfg.PICTURES["vqvae"]
+    pictures = cfg.PICTURES[kind]
     first_step_flags = ("codebook_init", "kmeans_images", "kmeans_iterations")
 
     def __init__(self, train_cfg: cfg.TrainConfig) -> None:
@@ -517,10 +519,11 @@ def _check_out(make_twin: type[Twin], ckpt: str, train_cfg: cfg.TrainConfig,
     if not isinstance(name, str):  # no config.json, or an older version's: the files tell
         held = checkpoint_in(out)
         name = ours if held is None or os.path.exists(ckpt) else os.path.basename(held)
-    if name == TRAINED_MODEL_NAME:  # a PyTorch checkpoint, weights only
+    if name == TRAINED_MODEL_NAME:  # a PyTorch checkpoint of a VQ-VAE, weights only
         shipped = os.path.join(out, name)
-        start = (f"--init-from {shipped}" if ours.endswith(".pt") else
-                 f"python convert.py --from-torch {shipped} --out DIR, then --init-from DIR")
+        flag = "--vqvae" if task.kind == "prior" else "--init-from"
+        start = (f"{flag} {shipped}" if ours.endswith(".pt") else
+                 f"python convert.py --from-torch {shipped} --out DIR, then {flag} DIR")
         raise UserError(f"{out} holds a trained model ({name}, as trained_models/ ship them), "
                         f"not a run to go on with: to train from it, {start}, and another "
                         f"--out")

@@ -244,8 +244,9 @@ class PriorTask:
     """vqvae_common.loop's Task for a prior: codes of the frozen VQ-VAE in, NLL out, sample
     grids as the epoch's picture."""
 
+    kind = "prior"
     progress_keys = ("loss",)
-    pictures = cfg.PICTURES["prior"]
+    pictures = cfg.PICTURES[kind]
     first_step_flags = ()
 
     def __init__(self, framework: str, prior_cfg: PriorConfig, train_cfg: cfg.TrainConfig

@@ -277,7 +277,8 @@ def compiler_options(device: jax.Device) -> dict[str, str] | None:
     --xla_disable_hlo_passes disables stay disabled: a jit's list would replace it."""
     if device.platform != "cpu":
         return None
-    theirs = re.findall(r"--xla_disable_hlo_passes=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    theirs = [passes.strip("'\"") for passes in re.findall(
+        r"--xla_disable_hlo_passes=(\S+)", os.environ.get("XLA_FLAGS", ""))]
     return {**COMPILER_OPTIONS, "xla_disable_hlo_passes": ",".join(
         [*theirs, COMPILER_OPTIONS["xla_disable_hlo_passes"]])}
 
