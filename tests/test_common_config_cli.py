@@ -243,8 +243,8 @@ def evaluate():
 
 def _run_config(directory, model, dataset, **train):
     record = json.loads(config.to_json(model, config.TrainConfig()))
-    record["train"].update(dataset=dataset, **train)  # written by hand: a dataset a test added may be
-    #   one that TrainConfig's choices do not hold
+    record["train"].update(dataset=dataset, **train)  # by hand: a dataset a test added may
+    #   be one that TrainConfig's choices do not hold
     (directory / "config.json").write_text(json.dumps(record))
 
 

@@ -173,8 +173,8 @@ def test_a_prior_over_a_vqvae_of_other_weights_warns_when_sampled_and_is_not_res
     os.makedirs(os.path.dirname(fewer))
     Twin(dataclasses.replace(TINY_VQVAE, num_codes=TINY_VQVAE.num_codes // 2),
          cfg.TrainConfig()).save(fewer, 0)
-    with pytest.raises(UserError, match=f"the prior models codes of {TINY_VQVAE.num_codes} "
-                                        f"and the VQ-VAE {fewer} has {TINY_VQVAE.num_codes // 2}"):
+    with pytest.raises(UserError, match=f"the prior models {TINY_VQVAE.num_codes} codes and "
+                                        f"the VQ-VAE {fewer} has {TINY_VQVAE.num_codes // 2}"):
         PriorTwin.from_checkpoint(path, vqvae=fewer)
 
 

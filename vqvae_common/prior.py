@@ -102,9 +102,9 @@ def fingerprint(weights: Mapping[str, np.ndarray]) -> str:
 def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str,
              vqvae_weights: str) -> PriorConfig:
     """`prior_cfg` with the dataset and the VQ-VAE's K and fingerprint, checked to fit
-    together (a saved prior's K is its VQ-VAE's). A saved prior's config (its own fingerprint recorded) over a VQ-VAE of other
-    weights gets a warning: sampling may go on (nothing is written but the samples), with
-    codes that VQ-VAE did not learn."""
+    together (a saved prior's K must be its VQ-VAE's). A saved prior's config (its own
+    fingerprint recorded) over a VQ-VAE of other weights gets a warning: sampling may go on
+    (nothing is written but the samples), with codes that VQ-VAE did not learn."""
     if prior_cfg.kernel_size % 2 == 0:
         raise UserError(f"--kernel-size {prior_cfg.kernel_size} must be odd: the masks "
                         f"centre on the current position")
@@ -114,7 +114,7 @@ def complete(prior_cfg: PriorConfig, vqvae_cfg: cfg.ModelConfig, dataset: str,
                         f"images and {dataset} has {channels}: a prior and its VQ-VAE are of "
                         f"one dataset")
     if prior_cfg.num_codes not in (0, vqvae_cfg.num_codes):  # 0: a new prior's, not yet known
-        raise UserError(f"the prior models codes of {prior_cfg.num_codes} and the VQ-VAE "
+        raise UserError(f"the prior models {prior_cfg.num_codes} codes and the VQ-VAE "
                         f"{prior_cfg.vqvae} has {vqvae_cfg.num_codes}: pass the VQ-VAE the "
                         f"prior was trained over (or a conversion of it)")
     if prior_cfg.vqvae_weights not in ("", vqvae_weights):
