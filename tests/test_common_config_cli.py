@@ -157,6 +157,9 @@ def test_bad_input_is_a_user_error(argv):
     (["--lr", "-1e-3"], "--lr -0.001 is out of range: expected 1e-08 to 1.0"),  # not a flag
     # one batch through the encoder: 50000 CIFAR-10 images would take about 60 GB in Flax
     (["--kmeans-images", "50000"], "--kmeans-images 50000 is out of range: expected 1 to 10000"),
+    # too large for a float: an OverflowError's traceback before
+    (["--batch-size", "1" + "0" * 400], f"--batch-size 1{'0' * 400} is out of range: expected "
+                                        f"1 to 65536"),
 ])
 def test_out_of_range_message_names_the_flag_and_its_bounds(argv, message):
     with pytest.raises(UserError) as error:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
 import threading
-import typing
 from typing import Any, Callable, NoReturn, Sequence
 
 from vqvae_common import atomic, host_memory, prior
@@ -66,7 +64,7 @@ class InBounds(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  value: Any, option_string: str | None = None) -> None:
         low, high = self.bounds
-        if not (math.isfinite(value) and low <= value <= high):
+        if not cfg.within(value, self.bounds):
             raise UserError(f"{self.option_strings[0]} {value} is out of range: "
                             f"expected {low} to {high}")
         setattr(namespace, self.dest, value)
@@ -86,8 +84,8 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_c
     field = next(f for f in flag_fields(config_class) if f.name == name)
     help_text, bounds = help_text or field.metadata["help"], field.metadata["bounds"]
     option = option or cfg.option(name)
-    kind = typing.get_type_hints(config_class)[name]
-    if kind is bool:
+    value_type = cfg.field_types(config_class)[name]
+    if value_type is bool:
         parser.add_argument(option, dest=name, action="store_true", help=help_text,
                             **({"default": default} if default is argparse.SUPPRESS else {}))
         return
@@ -95,7 +93,6 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_c
     shown = default_text or (None if default in (None, argparse.SUPPRESS) else default)
     if shown is not None:  # a None default is explained by the help text itself
         help_text += f" (default: {shown})"
-    value_type = next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
     choices = field.metadata["choices"]
     metavar = None if choices else option.lstrip("-").replace("-", "_").upper()
     in_bounds = {"action": InBounds, "bounds": bounds} if bounds else {}

@@ -38,13 +38,28 @@ def flag(default: Any, help: str, bounds: tuple[float, float] | None = None,
                              metadata={"help": help, "bounds": bounds, "choices": choices})
 
 
+def within(value: Any, bounds: tuple[float, float], whole: bool = False) -> bool:
+    """Whether `value` is a number in the inclusive `bounds`: an int of any size (no float
+    conversion to overflow) or, unless `whole`, a finite float; never a bool."""
+    number = isinstance(value, int) or (not whole and isinstance(value, float)
+                                        and math.isfinite(value))
+    return number and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]
+
+
+@functools.cache
+def field_types(config_class: type) -> dict[str, type]:
+    """Each field's type, an optional one's without its None: int for `int | None`."""
+    return {name: next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
+            for name, kind in typing.get_type_hints(config_class).items()}
+
+
 def check_flags(config: Any) -> None:
     """A ValueError naming the first flag field of a config dataclass whose value the command
     line would refuse: outside its choices or bounds, or not a whole number where the field
     is an int (None, where a flag's default is None, stands for that default). A config built
     in Python is held to the same rules; numpy scalars in it become Python numbers first, as
     config.json holds them."""
-    integers = _integer_fields(type(config))
+    types = field_types(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(value, np.generic):
@@ -56,20 +71,10 @@ def check_flags(config: Any) -> None:
             continue
         if choices and value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-        number = isinstance(value, int) or (field.name not in integers and isinstance(
-            value, float) and math.isfinite(value))  # an int of any size, a finite float
-        if bounds and not (number and not isinstance(value, bool)
-                           and bounds[0] <= value <= bounds[1]):
-            kind = "a whole number" if field.name in integers else "a number"
-            raise ValueError(f"{name} must be {kind} in [{bounds[0]}, {bounds[1]}], not "
-                             f"{value!r}")
-
-
-@functools.cache
-def _integer_fields(config_class: type) -> frozenset[str]:
-    """The fields of a config dataclass typed int (or int | None)."""
-    return frozenset(name for name, kind in typing.get_type_hints(config_class).items()
-                     if int in (typing.get_args(kind) or (kind,)))
+        whole = types[field.name] is int
+        if bounds and not within(value, bounds, whole):
+            raise ValueError(f"{name} must be {'a whole number' if whole else 'a number'} in "
+                             f"[{bounds[0]}, {bounds[1]}], not {value!r}")
 
 
 def option(name: str) -> str:
