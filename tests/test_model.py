@@ -150,7 +150,7 @@ def test_the_quantizer_takes_vectors_at_any_number_of_positions(twin, shape):
     for term in ("codebook_loss", "commitment_loss"):
         assert float(getattr(got, term)) == pytest.approx(float(getattr(want, term)), rel=1e-6)
     restarted, as_image = (twin.quantizer(16, 4, codebook, restart_below=0.5) for _ in "ab")
-    twin.quantize_any_rank(restarted, z, restart=True)  # usage 0: every code dead
+    twin.restart_any_rank(restarted, z)  # usage 0: every code dead
     twin.restart_dead_codes(as_image, latents(z.reshape(-1, 4)))
     np.testing.assert_array_equal(twin.codebook(restarted), twin.codebook(as_image))
 

@@ -57,6 +57,11 @@ def _to_numpy(value: Any, array: Any) -> Any:
     return array(value)
 
 
+def _vectors_second(z: np.ndarray) -> torch.Tensor:
+    """Channels-last z (B, ..., D) as PyTorch's layers lay it out: (B, D, ...)."""
+    return torch.tensor(z, dtype=torch.float32).movedim(-1, 1)
+
+
 def _torch_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     return to_numpy(t) if t.ndim == 4 else t.cpu().numpy()
@@ -123,17 +128,16 @@ class TorchAdapter:
     def restart_dead_codes(self, vq: torch_model.VectorQuantizer, z_e: np.ndarray) -> None:
         vq.restart_dead_codes(to_tensor(np.asarray(z_e, np.float32), CPU))
 
-    def quantize_any_rank(self, vq: torch_model.VectorQuantizer, z: np.ndarray,
-                          restart: bool = False) -> Any:
+    def quantize_any_rank(self, vq: torch_model.VectorQuantizer, z: np.ndarray) -> Any:
         """vq on channels-last z (B, ..., D) of any rank, handed over as PyTorch's layers lay
-        it out, (B, D, ...); its output channels-last again. restart: its dead codes
-        restarted from z instead."""
-        z_t = torch.tensor(z, dtype=torch.float32).movedim(-1, 1)
-        if restart:
-            return vq.restart_dead_codes(z_t)
+        it out, (B, D, ...); its output channels-last again."""
         with torch.no_grad():
-            out = vq.eval()(z_t)
+            out = vq.eval()(_vectors_second(z))
         return _to_numpy(out._replace(z_q=out.z_q.movedim(1, -1)), lambda t: t.numpy())
+
+    def restart_any_rank(self, vq: torch_model.VectorQuantizer, z: np.ndarray) -> None:
+        """vq's dead codes restarted from channels-last z of any rank, as quantize_any_rank."""
+        vq.restart_dead_codes(_vectors_second(z))
 
     def codebook(self, vq: torch_model.VectorQuantizer) -> np.ndarray:
         return vq.codebook.detach().numpy().copy()
@@ -314,13 +318,12 @@ class JaxAdapter:
     def restart_dead_codes(self, vq: jax_model.VectorQuantizer, z_e: np.ndarray) -> None:
         vq.restart_dead_codes(jnp.asarray(z_e, jnp.float32))
 
-    def quantize_any_rank(self, vq: jax_model.VectorQuantizer, z: np.ndarray,
-                          restart: bool = False) -> Any:
-        """vq on channels-last z (..., D) of any rank, as Flax's layers lay it out already.
-        restart: its dead codes restarted from z instead."""
-        if restart:
-            return vq.restart_dead_codes(jnp.asarray(z, jnp.float32))
+    def quantize_any_rank(self, vq: jax_model.VectorQuantizer, z: np.ndarray) -> Any:
+        """vq on channels-last z (..., D) of any rank, as Flax's layers lay it out already."""
         return self.apply(vq, z)
+
+    def restart_any_rank(self, vq: jax_model.VectorQuantizer, z: np.ndarray) -> None:
+        self.restart_dead_codes(vq, z)  # any rank already
 
     def codebook(self, vq: jax_model.VectorQuantizer) -> np.ndarray:
         return np.array(vq.codebook[...])
