@@ -298,7 +298,7 @@ def first_argmin(distances: jax.Array) -> jax.Array:
     - Both reductions read one materialized copy of the distances (the optimization
       barrier), so the compare meets exactly the value the min returned, whatever XLA
       fuses. XLA:CPU removes the barrier before fusing unless the jit passes
-      COMPILER_OPTIONS, as JaxTwin's do; without them (in this jaxlib) the distances reach
+      compiler_options(device), as JaxTwin's do; without them (in this jaxlib) the distances reach
       both reductions from one YNNPACK fusion of the matmul and its adds, which XLA does
       not recompute.
     - NaNs are masked out of the min and ranked first in the integer min (index k for a
